@@ -1,0 +1,5 @@
+"""Allow `python -m naiad`."""
+
+from naiad.cli import main
+
+raise SystemExit(main())
