@@ -31,6 +31,7 @@ class OCILayout:
         self.ref = ref
         self.root = ref.path
         self._staging: str | None = None
+        self._added: list[str] = []  # blobs this session created, for rollback()
         if create:
             os.makedirs(os.path.join(self.root, "blobs", "sha256"), exist_ok=True)
             layout_file = os.path.join(self.root, "oci-layout")
@@ -125,6 +126,7 @@ class OCILayout:
             shutil.copyfile(path, tmp)
             path = tmp
         os.rename(path, final)
+        self._added.append(final)
 
     def put_blob_bytes(self, data: bytes, desc: Descriptor) -> None:
         if self.has_blob(desc):
@@ -135,6 +137,7 @@ class OCILayout:
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, self.blob_path(desc.digest))
+        self._added.append(self.blob_path(desc.digest))
 
     def put_manifest(self, data: bytes, media_type: str, tag: str | None) -> str:
         desc = Descriptor.for_bytes(media_type, data)
@@ -149,6 +152,13 @@ class OCILayout:
         manifests.append(Descriptor(media_type, desc.digest, desc.size, annotations).to_json())
         _atomic_write(self._index_path, _dump(index))
         return desc.digest
+
+    def rollback(self) -> None:
+        """Remove the blobs this session added: a failed write leaves the layout as it was."""
+        for path in self._added:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._added.clear()
 
     def close(self) -> None:
         if self._staging is not None:

@@ -1,0 +1,203 @@
+"""Turning a built tree and its chunks into a naiad image in an OCI layout.
+
+The canonical walk of the tree (builder/tree.py) fixes everything: inode
+numbers, the order of chunks inside blobs, the order of rows in the
+bootstrap. Each chunk is stored in the blob of the lowest source layer that
+holds it, and only if the final tree still uses it, so one blob per source
+layer carries that layer's new content and nothing whited out later.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import zstandard
+
+from naiad.builder.chunks import ChunkStore
+from naiad.builder.tree import Node, Tree
+from naiad.format import spec
+from naiad.format.bootstrap import ROOT_INO, BootstrapWriter
+from naiad.oci import mediatypes as mt
+from naiad.oci.image import Descriptor
+from naiad.oci.layout import OCILayout
+
+BOOTSTRAP_ZSTD_LEVEL = 10
+
+
+@dataclasses.dataclass
+class BuildResult:
+    manifest_digest: str
+    manifest: dict[str, Any]
+    blobs: list[Descriptor]
+    bootstrap: Descriptor
+    files: int
+    bytes_in: int
+
+
+def assemble(
+    tree: Tree,
+    store: ChunkStore,
+    layer_chunks: Sequence[set[bytes]],
+    config: dict[str, Any],
+    layout: OCILayout,
+    tag: str | None,
+    *,
+    annotations: dict[str, str] | None = None,
+    prefetch: Sequence[bytes] = (),
+    progress: Callable[[int], None] | None = None,
+) -> BuildResult:
+    """Write blobs, bootstrap, config and manifest into `layout`; the manifest last."""
+    staging = layout.staging_dir()
+    inos: dict[int, int] = {id(tree.root): ROOT_INO}
+    nlinks: dict[int, int] = {}
+    order: list[tuple[bytes, Node, Node]] = []
+    for path, parent, node in tree.walk():
+        order.append((path, parent, node))
+        key = id(node)
+        if key not in inos:
+            inos[key] = len(inos) + 1
+        nlinks[key] = nlinks.get(key, 0) + 1
+
+    # Which blob holds each chunk: the lowest layer that has it, in first-use order.
+    home: dict[bytes, int] = {}
+    per_blob: list[list[bytes]] = [[] for _ in layer_chunks]
+    for _path, _parent, node in order:
+        for digest in node.chunks:
+            if digest not in home:
+                layer = next(i for i, s in enumerate(layer_chunks) if digest in s)
+                home[digest] = layer
+                per_blob[layer].append(digest)
+
+    blob_descs: list[Descriptor] = []
+    chunk_rows: list[tuple[int, bytes, int, int, int, int]] = []
+    chunk_ids: dict[bytes, int] = {}
+    blob_rows: list[tuple[int, str, int, str]] = []
+    for digests in per_blob:
+        if not digests:
+            continue
+        blob_id = len(blob_descs) + 1
+        path = os.path.join(staging, f"blob-{blob_id}")
+        h = hashlib.sha256()
+        offset = 0
+        with open(path, "wb") as f:
+            for digest in digests:
+                data, stored = store.read_stored(digest)
+                f.write(data)
+                h.update(data)
+                chunk_ids[digest] = len(chunk_rows) + 1
+                chunk_rows.append((len(chunk_rows) + 1, digest, blob_id, offset, stored.csize, stored.usize))
+                offset += stored.csize
+                if progress:
+                    progress(stored.usize)
+        desc = Descriptor(spec.MEDIA_TYPE_BLOB, "sha256:" + h.hexdigest(), offset,
+                          {spec.ANNOTATION_BLOB: str(spec.FORMAT_VERSION)})
+        layout.put_blob_file(path, desc)
+        blob_descs.append(desc)
+        blob_rows.append((blob_id, desc.digest, desc.size, store.codec.name))
+
+    db_path = os.path.join(staging, "bootstrap.db")
+    writer = BootstrapWriter(db_path, store.chunk_size)
+    try:
+        _write_tree(writer, tree, order, inos, nlinks, chunk_ids)
+        writer.add_blobs(blob_rows)
+        writer.add_chunks(chunk_rows)
+        writer.set_prefetch(inos[id(n)] for p in prefetch if (n := tree.get_checked(p, "prefetch list")))
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    bootstrap, diff_id = _compress_bootstrap(db_path, layout)
+
+    new_config = copy.deepcopy(config)
+    new_config["rootfs"] = {"type": "layers", "diff_ids": [d.digest for d in blob_descs] + [diff_id]}
+    config_bytes = _canonical_json(new_config)
+    config_desc = Descriptor.for_bytes(mt.OCI_CONFIG, config_bytes)
+    layout.put_blob_bytes(config_bytes, config_desc)
+    manifest: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": mt.OCI_MANIFEST,
+        "config": config_desc.to_json(),
+        "layers": [d.to_json() for d in [*blob_descs, bootstrap]],
+        "annotations": {spec.ANNOTATION_VERSION: str(spec.FORMAT_VERSION), **(annotations or {})},
+    }
+    manifest_digest = layout.put_manifest(_canonical_json(manifest), mt.OCI_MANIFEST, tag)
+    files = len({id(n) for _, _, n in order if stat.S_ISREG(n.mode)})
+    return BuildResult(manifest_digest, manifest, blob_descs, bootstrap, files, store.bytes_in)
+
+
+def _write_tree(writer: BootstrapWriter, tree: Tree, order: list[tuple[bytes, Node, Node]],
+                inos: dict[int, int], nlinks: dict[int, int], chunk_ids: dict[bytes, int]) -> None:
+    subdirs: dict[int, int] = {}
+    for _, parent, node in order:
+        if node.is_dir:
+            subdirs[id(parent)] = subdirs.get(id(parent), 0) + 1
+    inode_rows = []
+    dentry_rows = []
+    xattr_rows = []
+    chunk_rows = []
+    seen: set[int] = set()
+
+    def add(node: Node) -> None:
+        ino = inos[id(node)]
+        nlink = 2 + subdirs.get(id(node), 0) if node.is_dir else nlinks[id(node)]
+        sec, nsec = divmod(node.mtime_ns, 1_000_000_000)
+        inode_rows.append((ino, node.mode, nlink, node.uid, node.gid, node.size, sec, nsec,
+                           node.rdev, node.target))
+        xattr_rows.extend((ino, k, v) for k, v in sorted(node.xattrs.items()))
+        for i, digest in enumerate(node.chunks):
+            chunk_rows.append((ino, i * tree_chunk_size, chunk_ids[digest]))
+
+    tree_chunk_size = writer.chunk_size
+    add(tree.root)
+    for name_path, parent, node in order:
+        dentry_rows.append((inos[id(parent)], name_path.rsplit(b"/", 1)[1], inos[id(node)]))
+        if id(node) not in seen:
+            seen.add(id(node))
+            add(node)
+    inode_rows.sort()
+    writer.add_inodes(inode_rows)
+    writer.add_dentries(sorted(dentry_rows))
+    writer.add_xattrs(sorted(xattr_rows))
+    writer.add_file_chunks(sorted(chunk_rows))
+
+
+def _compress_bootstrap(db_path: str, layout: OCILayout) -> tuple[Descriptor, str]:
+    raw = hashlib.sha256()
+    out_path = db_path + ".zst"
+    h = hashlib.sha256()
+    cctx = zstandard.ZstdCompressor(level=BOOTSTRAP_ZSTD_LEVEL, write_checksum=True)
+    with open(db_path, "rb") as src, open(out_path, "wb") as dst:
+        writer = cctx.stream_writer(_HashingSink(dst, h), closefd=False)
+        while block := src.read(1 << 20):
+            raw.update(block)
+            writer.write(block)
+        writer.flush(zstandard.FLUSH_FRAME)
+    os.unlink(db_path)
+    size = os.path.getsize(out_path)
+    desc = Descriptor(spec.MEDIA_TYPE_BOOTSTRAP, "sha256:" + h.hexdigest(), size,
+                      {spec.ANNOTATION_BOOTSTRAP: str(spec.FORMAT_VERSION)})
+    layout.put_blob_file(out_path, desc)
+    return desc, "sha256:" + raw.hexdigest()
+
+
+class _HashingSink:
+    def __init__(self, f, h):
+        self._f, self._h = f, h
+
+    def write(self, data: bytes) -> int:
+        self._h.update(data)
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def _canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()

@@ -1,0 +1,244 @@
+"""`naiad convert` and `naiad build`: OCI image or rootfs directory → naiad image.
+
+Layers are streamed (never held in memory) on a few threads, their files
+chunked and compressed on a shared pool, then applied in order onto one tree
+and assembled. The result is written into an OCI layout: the target layout
+itself, or a staging layout that is then pushed to the target registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from naiad.builder.assemble import BuildResult, assemble
+from naiad.builder.chunks import ChunkStore
+from naiad.builder.progress import CountingReader, NoProgress, Progress
+from naiad.builder.tree import Node, Tree
+from naiad.errors import BadReferenceError, FormatError
+from naiad.format import spec
+from naiad.format.compression import codec
+from naiad.oci.copy import copy_image
+from naiad.oci.image import (
+    Platform,
+    RegistryOptions,
+    ResolvedImage,
+    resolve_image,
+    source_for,
+    target_for,
+)
+from naiad.oci.layer import LayerEntry, LayerReader
+from naiad.oci.layout import OCILayout
+from naiad.oci.reference import Reference
+from naiad.paths import naiad_home
+
+MAX_LAYER_THREADS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    chunk_size: int = spec.DEFAULT_CHUNK_SIZE
+    compressor: str = "zstd"
+    platform: Platform = dataclasses.field(default_factory=Platform)
+    prefetch: Sequence[str] = ()
+    workers: int | None = None
+
+
+def default_target_tag(source: Reference, target: Reference) -> str | None:
+    """`TAG-naiad` for a target without tag or digest."""
+    if target.tag or target.digest:
+        return target.tag
+    return f"{source.tag or 'latest'}-naiad"
+
+
+@contextlib.contextmanager
+def _output_layout(target: Reference, registry: RegistryOptions) -> Iterator[OCILayout]:
+    """The layout to assemble into; for a registry target, a staging layout pushed at the end."""
+    if target.transport == "oci":
+        layout = OCILayout(target, create=True)
+        try:
+            yield layout
+        except BaseException:
+            layout.rollback()
+            raise
+        finally:
+            layout.close()
+        return
+    if target.transport != "docker":
+        raise BadReferenceError(f"{target}: cannot write images there")
+    tmp_root = os.path.join(naiad_home(), "tmp")
+    os.makedirs(tmp_root, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix="build-", dir=tmp_root)
+    try:
+        layout = OCILayout(Reference("oci", path=staging, tag="staged"), create=True)
+        yield layout
+        layout.close()
+        with source_for(layout.ref) as src, target_for(target, registry) as dst:
+            copy_image(src, dst, target.tag)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def convert(source_ref: Reference, target_ref: Reference, options: BuildOptions,
+            registry: RegistryOptions | None = None, progress: Progress | None = None) -> BuildResult:
+    registry = registry or RegistryOptions()
+    progress = progress or NoProgress()
+    spec.check_chunk_size(options.chunk_size)
+    target_ref = target_ref.with_tag(t) if (t := default_target_tag(source_ref, target_ref)) else target_ref
+    with source_for(source_ref, registry) as source:
+        image = resolve_image(source, options.platform)
+        diff_ids = image.diff_ids
+        if len(diff_ids) != len(image.layers):
+            raise FormatError(
+                f"{source_ref}: config lists {len(diff_ids)} diff_ids for {len(image.layers)} layers"
+            )
+        if any(layer.media_type.startswith(spec.MEDIA_TYPE_BLOB) for layer in image.layers) or any(
+            layer.media_type == spec.MEDIA_TYPE_BOOTSTRAP for layer in image.layers
+        ):
+            raise FormatError(f"{source_ref} is already a naiad image")
+        with _output_layout(target_ref, registry) as layout:
+            store = ChunkStore(layout.staging_dir(), options.chunk_size, codec(options.compressor),
+                               options.workers)
+            try:
+                layers = _read_layers(source, image, store, progress)
+                tree = Tree()
+                layer_chunks = []
+                for i, (entries, chunks) in enumerate(layers):
+                    tree.apply_layer(entries, f"layer {i + 1} ({image.layers[i].digest})")
+                    layer_chunks.append(chunks)
+                advance = progress.task("assembling", store.bytes_in)
+                return assemble(
+                    tree, store, layer_chunks, image.config, layout, target_ref.tag,
+                    annotations={spec.ANNOTATION_SOURCE: image.manifest_digest},
+                    prefetch=[os.fsencode(p).strip(b"/") for p in options.prefetch], progress=advance,
+                )
+            finally:
+                store.close()
+
+
+LayerEntries = list[tuple[LayerEntry, list[bytes] | None]]
+
+
+def _read_layers(source: Any, image: ResolvedImage, store: ChunkStore,
+                 progress: Progress) -> list[tuple[LayerEntries, set[bytes]]]:
+    advance = progress.task("converting layers", sum(d.size for d in image.layers))
+
+    def read_one(i: int) -> tuple[LayerEntries, set[bytes]]:
+        desc = image.layers[i]
+        what = f"layer {i + 1} ({desc.digest})"
+        spool = store.new_spool()
+        with source.open_blob(desc) as raw:
+            reader = LayerReader(CountingReader(raw, advance), digest=desc.digest, size=desc.size,
+                                 diff_id=image.diff_ids[i], what=what)
+            pending: list[tuple[LayerEntry, list[Future[bytes]] | None]] = []
+            for entry, data in reader.entries():
+                futures = None
+                if data is not None:
+                    futures = store.add_stream(data, entry.size, spool, f"{what}: {entry.path!r}")
+                pending.append((entry, futures))
+            reader.finish()
+        entries: LayerEntries = []
+        chunks: set[bytes] = set()
+        for entry, futures in pending:
+            digests = [f.result() for f in futures] if futures is not None else None
+            if digests:
+                chunks.update(digests)
+            entries.append((entry, digests))
+        return entries, chunks
+
+    with ThreadPoolExecutor(min(MAX_LAYER_THREADS, max(1, len(image.layers)))) as pool:
+        futures = [pool.submit(read_one, i) for i in range(len(image.layers))]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def build_from_dir(root: str, target_ref: Reference, options: BuildOptions,
+                   config: dict[str, Any] | None = None, registry: RegistryOptions | None = None,
+                   progress: Progress | None = None) -> BuildResult:
+    """A naiad image straight from a rootfs directory."""
+    registry = registry or RegistryOptions()
+    progress = progress or NoProgress()
+    spec.check_chunk_size(options.chunk_size)
+    if not os.path.isdir(root):
+        raise BadReferenceError(f"{root} is not a directory")
+    if config is None:
+        config = {"architecture": options.platform.architecture, "os": options.platform.os,
+                  "config": {}, "rootfs": {"type": "layers", "diff_ids": []}}
+    target_ref = target_ref if target_ref.tag or target_ref.digest else target_ref.with_tag("latest")
+    with _output_layout(target_ref, registry) as layout:
+        store = ChunkStore(layout.staging_dir(), options.chunk_size, codec(options.compressor),
+                           options.workers)
+        try:
+            tree, chunks = _scan_dir(root, store, progress)
+            advance = progress.task("assembling", store.bytes_in)
+            return assemble(tree, store, [chunks], config, layout, target_ref.tag,
+                            prefetch=[os.fsencode(p).strip(b"/") for p in options.prefetch],
+                            progress=advance)
+        finally:
+            store.close()
+
+
+def _scan_dir(root: str, store: ChunkStore, progress: Progress) -> tuple[Tree, set[bytes]]:
+    advance = progress.task("reading files", None)
+    spool = store.new_spool()
+    tree = Tree()
+    _fill_node(tree.root, root, os.lstat(root))
+    links: dict[tuple[int, int], Node] = {}
+    pending: list[tuple[Node, list[Future[bytes]]]] = []
+    stack = [(root, tree.root)]
+    while stack:
+        dirpath, dnode = stack.pop()
+        assert dnode.children is not None
+        with os.scandir(dirpath) as it:
+            entries = sorted(it, key=lambda e: os.fsencode(e.name))
+        for e in entries:
+            st = e.stat(follow_symlinks=False)
+            name = os.fsencode(e.name)
+            key = (st.st_dev, st.st_ino)
+            if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1 and key in links:
+                dnode.children[name] = links[key]
+                continue
+            node = Node(st.st_mode)
+            _fill_node(node, e.path, st)
+            dnode.children[name] = node
+            if st.st_nlink > 1 and not node.is_dir:
+                links[key] = node
+            if stat.S_ISDIR(st.st_mode):
+                stack.append((e.path, node))
+            elif stat.S_ISREG(st.st_mode):
+                node.size = st.st_size
+                with open(e.path, "rb") as f:
+                    pending.append((node, store.add_stream(f, st.st_size, spool, e.path)))
+                advance(st.st_size)
+            elif stat.S_ISLNK(st.st_mode):
+                node.target = os.fsencode(os.readlink(e.path))
+    chunks: set[bytes] = set()
+    for node, futures in pending:
+        node.chunks = [f.result() for f in futures]
+        chunks.update(node.chunks)
+    return tree, chunks
+
+
+def _fill_node(node: Node, path: str, st: os.stat_result) -> None:
+    node.mode, node.uid, node.gid, node.mtime_ns = st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        node.rdev = st.st_rdev
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        names = []
+    for name in names:
+        if name.startswith(("user.", "security.", "trusted.")):
+            with contextlib.suppress(OSError):
+                node.xattrs[name.encode()] = os.getxattr(path, name, follow_symlinks=False)

@@ -1,0 +1,372 @@
+"""The `naiad` command line: argument parsing, progress bars, output and exit codes.
+
+Business logic lives in the rooms (builder, storage, fs, oci); each command
+here parses, calls one function, and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from naiad import __version__
+from naiad.errors import NaiadError
+
+EXIT_USER_ERROR = 1
+EXIT_CHECK_FAILED = 2
+
+
+# --- progress -------------------------------------------------------------
+
+class _RichProgress:
+    def __init__(self, progress: Any):
+        self._p = progress
+
+    def task(self, description: str, total: int | None) -> Callable[[int], None]:
+        task_id = self._p.add_task(description, total=total)
+        return lambda n: self._p.advance(task_id, n)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool) -> Iterator[Any]:
+    """A rich progress display on a TTY stderr; otherwise a silent one."""
+    from naiad.builder.progress import NoProgress
+
+    if not enabled or not sys.stderr.isatty():
+        yield NoProgress()
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+    ) as p:
+        yield _RichProgress(p)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(obj, indent=2))
+    else:
+        print(text)
+
+
+# --- commands -------------------------------------------------------------
+
+def _registry_options(args: argparse.Namespace):
+    from naiad.oci.image import RegistryOptions
+
+    creds = args.creds or os.environ.get("NAIAD_CREDS")
+    return RegistryOptions(plain_http=True if args.plain_http else None, creds=creds,
+                           tls_verify=not args.insecure_skip_tls_verify)
+
+
+def _build_options(args: argparse.Namespace):
+    from naiad.builder.convert import BuildOptions
+    from naiad.oci.image import Platform
+
+    prefetch: list[str] = []
+    if args.prefetch_list:
+        with open(args.prefetch_list, encoding="utf-8") as f:
+            prefetch = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    return BuildOptions(chunk_size=_size(args.chunk_size), compressor=args.compressor,
+                        platform=Platform.parse(args.platform), prefetch=prefetch)
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            return int(t[:-1]) * units[t[-1]]
+        return int(t)
+    except ValueError:
+        raise NaiadError(f"invalid size {text!r} (e.g. 1048576, 512K, 1M)") from None
+
+
+def _report_build(args: argparse.Namespace, target: str, result: Any) -> None:
+    stored = sum(d.size for d in result.blobs)
+    obj = {
+        "target": target, "manifest_digest": result.manifest_digest, "files": result.files,
+        "bytes_in": result.bytes_in, "blobs": [d.to_json() for d in result.blobs],
+        "bootstrap": result.bootstrap.to_json(), "stored_bytes": stored,
+    }
+    _emit(args, obj, f"{target}@{result.manifest_digest}\n"
+          f"  {result.files} files, {len(result.blobs)} blobs, {_human(stored)} stored "
+          f"(from {_human(result.bytes_in)} of unique chunk data), bootstrap "
+          f"{_human(result.bootstrap.size)}")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from naiad.builder.convert import convert, default_target_tag
+    from naiad.oci.reference import parse_reference
+
+    source, target = parse_reference(args.source), parse_reference(args.target)
+    with _progress(not args.json) as progress:
+        result = convert(source, target, _build_options(args), _registry_options(args), progress)
+    tag = default_target_tag(source, target)
+    _report_build(args, str(target.with_tag(tag) if tag else target), result)
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from naiad.builder.convert import build_from_dir
+    from naiad.oci.reference import parse_reference
+
+    target = parse_reference(args.target)
+    config = None
+    if args.config:
+        try:
+            with open(args.config, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:
+            raise NaiadError(f"cannot read image config {args.config}: {e}") from None
+        if not isinstance(config, dict):
+            raise NaiadError(f"image config {args.config} is not a JSON object")
+    with _progress(not args.json) as progress:
+        result = build_from_dir(args.dir, target, _build_options(args), config,
+                                _registry_options(args), progress)
+    _report_build(args, str(target), result)
+    return 0
+
+
+@contextlib.contextmanager
+def _open_naiad(args: argparse.Namespace) -> Iterator[Any]:
+    from naiad.oci.image import Platform, source_for
+    from naiad.oci.reference import parse_reference
+    from naiad.storage.image import NaiadImage
+
+    with source_for(parse_reference(args.ref), _registry_options(args)) as source:
+        img = NaiadImage.open(source, Platform.parse(args.platform))
+        try:
+            yield img
+        finally:
+            img.close()
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from naiad.format.stats import bootstrap_stats
+
+    with _open_naiad(args) as img:
+        stats = bootstrap_stats(img.bootstrap)
+        bootstrap_raw = os.path.getsize(img.bootstrap.path)
+        obj = {
+            "reference": args.ref, "manifest_digest": img.image.manifest_digest,
+            "bootstrap": {**img.bootstrap_desc.to_json(), "uncompressed_size": bootstrap_raw},
+            **stats,
+        }
+    lines = [
+        f"image          {args.ref}@{obj['manifest_digest']}",
+        f"entries        {stats['entries']} ({stats['files']} files, {stats['dirs']} dirs, "
+        f"{stats['symlinks']} symlinks, {stats['other']} other)",
+        f"file data      {_human(stats['file_bytes'])}",
+        f"chunks         {stats['chunks']} ({stats['unique_chunks']} unique, chunk size "
+        f"{_human(stats['chunk_size'])}, dedup ratio {stats['dedup_ratio']:.2f})",
+        f"stored         {_human(stats['stored_bytes'])} (compression ratio "
+        f"{stats['compression_ratio']:.2f})",
+        f"bootstrap      {_human(img.bootstrap_desc.size)} ({_human(bootstrap_raw)} uncompressed)",
+        f"prefetch list  {stats['prefetch_files']} files",
+        "blobs:",
+    ]
+    lines += [f"  {b['digest']}  {_human(b['size']):>10}  {b['chunks']:>7} chunks  {b['compressor']}"
+              for b in stats["blobs"]]
+    _emit(args, obj, "\n".join(lines))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from naiad.storage.check import check_image
+
+    with _open_naiad(args) as img, _progress(not args.json) as progress:
+        total = sum(b.size for b in img.blobs.values())
+        problems = check_image(img, progress.task("checking", total))
+        chunks = img.bootstrap.count("chunks")
+    obj = {"reference": args.ref, "ok": not problems, "chunks": chunks, "problems": problems}
+    if problems:
+        _emit(args, obj, "\n".join(f"naiad: check: {p}" for p in problems))
+        return EXIT_CHECK_FAILED
+    _emit(args, obj, f"{args.ref}: bootstrap and {chunks} chunks verified")
+    return 0
+
+
+def cmd_unpack(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    from naiad.fs.unpack import unpack_image
+    from naiad.oci.copy import copy_image
+    from naiad.oci.image import Platform, source_for
+    from naiad.oci.layout import OCILayout
+    from naiad.oci.reference import Reference, parse_reference
+    from naiad.paths import naiad_home
+    from naiad.storage.image import NaiadImage
+
+    ref = parse_reference(args.ref)
+    registry = _registry_options(args)
+    staging = None
+    try:
+        if ref.transport != "oci":
+            # Whole blobs in one request each beat one range request per chunk.
+            os.makedirs(os.path.join(naiad_home(), "tmp"), exist_ok=True)
+            staging = tempfile.mkdtemp(prefix="unpack-", dir=os.path.join(naiad_home(), "tmp"))
+            with source_for(ref, registry) as src:
+                dst = OCILayout(Reference("oci", path=staging, tag="image"), create=True)
+                copy_image(src, dst, "image")
+                dst.close()
+            ref = dst.ref
+        with source_for(ref, registry) as source, _progress(True) as progress:
+            img = NaiadImage.open(source, Platform.parse(args.platform))
+            try:
+                total = img.bootstrap.query("SELECT coalesce(sum(usize), 0) FROM chunks")[0][0]
+                n = unpack_image(img, args.dir, progress.task("unpacking", total))
+            finally:
+                img.close()
+    finally:
+        if staging:
+            shutil.rmtree(staging, ignore_errors=True)
+    print(f"{args.ref}: {n} entries unpacked into {args.dir}", file=sys.stderr)
+    return 0
+
+
+def cmd_copy(args: argparse.Namespace) -> int:
+    from naiad.oci.copy import copy_image
+    from naiad.oci.image import source_for, target_for
+    from naiad.oci.reference import parse_reference
+
+    source, target = parse_reference(args.source), parse_reference(args.target)
+    registry = _registry_options(args)
+    with source_for(source, registry) as src, target_for(target, registry) as dst, \
+            _progress(not args.json) as progress:
+        try:
+            result = copy_image(src, dst, target.tag, progress.task("copying", None))
+        except BaseException:
+            rollback = getattr(dst, "rollback", None)
+            if rollback:
+                rollback()
+            raise
+    obj = {"target": str(target), "manifest_digest": result.manifest_digest,
+           "bytes_total": result.bytes_total, "bytes_sent": result.bytes_sent,
+           "blobs_total": result.blobs_total, "blobs_sent": result.blobs_sent}
+    _emit(args, obj, f"{target}@{result.manifest_digest}: sent {result.blobs_sent} of "
+          f"{result.blobs_total} blobs, {_human(result.bytes_sent)} of {_human(result.bytes_total)}")
+    return 0
+
+
+# --- parser ---------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    refs = ("References: oci:PATH[:TAG], docker-archive:FILE, docker://HOST[:PORT]/REPO[:TAG|@DIGEST] "
+            "or HOST/REPO[:TAG].")
+    parser = argparse.ArgumentParser(
+        prog="naiad", description="Lazily loaded, chunk-deduplicated container images. " + refs,
+    )
+    parser.add_argument("--version", action="version", version=f"naiad {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    reg = argparse.ArgumentParser(add_help=False)
+    g = reg.add_argument_group("registry")
+    g.add_argument("--plain-http", action="store_true",
+                   help="talk HTTP, not HTTPS, to the registry (automatic for localhost/127.0.0.1)")
+    g.add_argument("--creds", metavar="USER:PASS",
+                   help="registry credentials (default: ~/.docker/config.json, or $NAIAD_CREDS)")
+    g.add_argument("--insecure-skip-tls-verify", action="store_true",
+                   help="do not verify the registry's TLS certificate")
+    g.add_argument("--platform", default="linux/amd64", metavar="OS/ARCH[/VARIANT]",
+                   help="platform to pick from a multi-platform image (default: linux/amd64)")
+    out = argparse.ArgumentParser(add_help=False)
+    out.add_argument("--json", action="store_true", help="print a JSON object for scripts")
+
+    fmt = argparse.ArgumentParser(add_help=False)
+    f = fmt.add_argument_group("format")
+    f.add_argument("--chunk-size", default="1M",
+                   help="chunk size, a power of two from 4K to 64M (default: 1M)")
+    f.add_argument("--compressor", choices=("zstd", "lz4", "none"), default="zstd",
+                   help="per-chunk compression (default: zstd)")
+    f.add_argument("--prefetch-list", metavar="FILE",
+                   help="file with one path per line, to be fetched first after mount")
+
+    p = sub.add_parser("convert", parents=[fmt, reg, out], help="convert an OCI/Docker image to naiad",
+                       description="Convert an OCI or Docker image to a naiad image. " + refs +
+                       " A TARGET without tag gets SOURCE's tag + '-naiad'.")
+    p.add_argument("source", help="source image reference")
+    p.add_argument("target", help="target reference for the naiad image")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("build", parents=[fmt, reg, out], help="build a naiad image from a rootfs directory",
+                       description="Build a naiad image straight from a root filesystem directory.")
+    p.add_argument("dir", help="root filesystem directory")
+    p.add_argument("target", help="target reference")
+    p.add_argument("--config", metavar="IMAGE_CONFIG.json",
+                   help="OCI image config (entrypoint, env...) to give the image")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("inspect", parents=[reg, out], help="show what a naiad image holds",
+                       description="Show files, chunks, dedup, blobs and bootstrap of a naiad image.")
+    p.add_argument("ref", help="naiad image reference")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("check", parents=[reg, out], help="verify every chunk of a naiad image",
+                       description="Fetch and verify the bootstrap and every chunk. Exit status 2 "
+                       "and the affected files when something is wrong.")
+    p.add_argument("ref", help="naiad image reference")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("unpack", parents=[reg], help="materialise a naiad image's rootfs",
+                       description="Write the root filesystem of a naiad image into DIR "
+                       "(absent or empty), with owners, modes, xattrs and devices (run as root).")
+    p.add_argument("ref", help="naiad image reference")
+    p.add_argument("dir", help="destination directory")
+    p.set_defaults(func=cmd_unpack)
+
+    p = sub.add_parser("copy", aliases=["push", "pull"], parents=[reg, out],
+                       help="copy an image between layouts and registries",
+                       description="Copy an image (naiad or OCI) to another place, sending only "
+                       "blobs the target lacks and the manifest last.")
+    p.add_argument("source", help="source image reference")
+    p.add_argument("target", help="target image reference")
+    p.set_defaults(func=cmd_copy)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except NaiadError as e:
+        print(f"naiad: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"naiad: error: no space left on device{_where(e)}", file=sys.stderr)
+        else:
+            print(f"naiad: error: {e.strerror or e}{_where(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("naiad: interrupted", file=sys.stderr)
+        return 130
+
+
+def _where(e: OSError) -> str:
+    return f" ({e.filename})" if e.filename else ""

@@ -1,0 +1,1 @@
+"""Presenting a naiad image as a filesystem: materialised (unpack) or lazily mounted."""
