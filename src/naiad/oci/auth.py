@@ -34,7 +34,12 @@ _EXPIRY_SLACK = 10.0
 # The token spec's default lifetime when the server does not say.
 _DEFAULT_EXPIRES_IN = 60
 
-_DOCKER_HUB_KEYS = ("docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
+_DOCKER_HUB_KEYS = (
+    "docker.io",
+    "index.docker.io",
+    "registry-1.docker.io",
+    "registry.hub.docker.com",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,13 +179,15 @@ class _Scanner:
         start = self.pos
         while self.pos < len(self.text) and self.text[self.pos] in _TCHARS:
             self.pos += 1
-        return self.text[start:self.pos]
+        return self.text[start : self.pos]
 
     def token68(self) -> str:
         start = self.pos
-        while self.pos < len(self.text) and (self.text[self.pos] in _TCHARS or self.text[self.pos] in "/="):
+        while self.pos < len(self.text) and (
+            self.text[self.pos] in _TCHARS or self.text[self.pos] in "/="
+        ):
             self.pos += 1
-        return self.text[start:self.pos]
+        return self.text[start : self.pos]
 
     def quoted(self) -> str:
         assert self.peek() == '"'
@@ -263,7 +270,11 @@ class TokenCache:
 
     @staticmethod
     def _key(challenge: Challenge, scopes: Iterable[str]) -> tuple[str, str, tuple[str, ...]]:
-        return (challenge.realm or "", challenge.params.get("service", ""), tuple(sorted(set(scopes))))
+        return (
+            challenge.realm or "",
+            challenge.params.get("service", ""),
+            tuple(sorted(set(scopes))),
+        )
 
     def get(self, challenge: Challenge, scopes: Iterable[str]) -> str | None:
         key = self._key(challenge, scopes)
@@ -277,7 +288,9 @@ class TokenCache:
                 return None
             return token
 
-    def put(self, challenge: Challenge, scopes: Iterable[str], token: str, expires_in: float) -> None:
+    def put(
+        self, challenge: Challenge, scopes: Iterable[str], token: str, expires_in: float
+    ) -> None:
         lifetime = max(expires_in - _EXPIRY_SLACK, expires_in / 2)
         with self._lock:
             self._tokens[self._key(challenge, scopes)] = (token, time.monotonic() + lifetime)
@@ -308,7 +321,9 @@ def fetch_token(
         raise RegistryError("registry sent a Bearer challenge without a realm")
     realm_url = httpx.URL(realm)
     if realm_url.scheme not in ("http", "https"):
-        raise RegistryError(f"registry sent a Bearer challenge with an unusable realm {realm_url.host!r}")
+        raise RegistryError(
+            f"registry sent a Bearer challenge with an unusable realm {realm_url.host!r}"
+        )
     params: list[tuple[str, str]] = []
     if challenge.params.get("service"):
         params.append(("service", challenge.params["service"]))
@@ -320,7 +335,11 @@ def fetch_token(
     log.debug("fetching token from %s for %s", where, ", ".join(sorted(set(scopes))) or "no scope")
     response = http.get(realm_url.copy_merge_params(params), headers=headers)
     if response.status_code in (401, 403):
-        hint = "credentials rejected" if creds else "credentials required (use --creds or docker login)"
+        hint = (
+            "credentials rejected"
+            if creds
+            else "credentials required (use --creds or docker login)"
+        )
         raise RegistryError(f"{where}: HTTP {response.status_code} unauthorized: {hint}")
     if response.status_code != 200:
         raise RegistryError(f"{where}: HTTP {response.status_code} when fetching a token")

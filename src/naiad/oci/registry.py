@@ -203,7 +203,9 @@ class RegistryClient:
             self._challenge = _for_session(
                 pick_challenge(parse_www_authenticate(response.headers.get("www-authenticate", "")))
             )
-            log.debug("%s wants %s auth", self.host, self._challenge.scheme if self._challenge else "?")
+            log.debug(
+                "%s wants %s auth", self.host, self._challenge.scheme if self._challenge else "?"
+            )
         elif response.status_code != 200:
             raise self._error(response, what + " (is this an OCI registry?)")
         self._pinged = True
@@ -243,8 +245,13 @@ class RegistryClient:
         raise AssertionError("unreachable")
 
     def _send_following(
-        self, method: str, url: httpx.URL, headers: dict[str, str], authorization: str | None,
-        body: Body, stream: bool,
+        self,
+        method: str,
+        url: httpx.URL,
+        headers: dict[str, str],
+        authorization: str | None,
+        body: Body,
+        stream: bool,
     ) -> httpx.Response:
         """One request, following redirects of GET/HEAD (e.g. to a storage backend).
 
@@ -268,15 +275,26 @@ class RegistryClient:
         raise RegistryError(f"registry {self.host}: more than {_MAX_REDIRECTS} redirects")
 
     def _send(
-        self, method: str, url: httpx.URL, headers: dict[str, str], body: Body, stream: bool,
-        scopes: tuple[str, ...], what: str, auth: bool,
+        self,
+        method: str,
+        url: httpx.URL,
+        headers: dict[str, str],
+        body: Body,
+        stream: bool,
+        scopes: tuple[str, ...],
+        what: str,
+        auth: bool,
     ) -> httpx.Response:
         """One attempt, answering an auth challenge once if the registry sends one."""
         reauthenticated = False
         while True:
             authorization = self._authorization(scopes, what) if auth else None
             response = self._send_following(method, url, headers, authorization, body, stream)
-            if not auth or response.status_code != 401 or not _same_origin(response.url, self.base_url):
+            if (
+                not auth
+                or response.status_code != 401
+                or not _same_origin(response.url, self.base_url)
+            ):
                 return response
             challenge = pick_challenge(
                 parse_www_authenticate(response.headers.get("www-authenticate", ""))
@@ -371,8 +389,11 @@ class RegistryClient:
         name = self._name(repo, reference)
         what = self._what(f"GET manifest {name}")
         response = self._request(
-            "GET", self._url(f"/v2/{repo}/manifests/{reference}"),
-            what=what, scopes=(self._scope(repo),), headers={"Accept": mt.MANIFEST_ACCEPT},
+            "GET",
+            self._url(f"/v2/{repo}/manifests/{reference}"),
+            what=what,
+            scopes=(self._scope(repo),),
+            headers={"Accept": mt.MANIFEST_ACCEPT},
         )
         if response.status_code == 404:
             raise NotFoundError(
@@ -394,8 +415,12 @@ class RegistryClient:
         digest = sha256_digest(data)
         what = self._what(f"PUT manifest {self._name(repo, reference)}")
         response = self._request(
-            "PUT", self._url(f"/v2/{repo}/manifests/{reference}"),
-            what=what, scopes=(self._scope(repo),), headers={"Content-Type": media_type}, body=data,
+            "PUT",
+            self._url(f"/v2/{repo}/manifests/{reference}"),
+            what=what,
+            scopes=(self._scope(repo),),
+            headers={"Content-Type": media_type},
+            body=data,
         )
         if response.status_code not in (200, 201):
             raise self._error(response, what)
@@ -409,8 +434,10 @@ class RegistryClient:
     def has_blob(self, repo: str, desc: Descriptor) -> bool:
         what = self._what(f"HEAD blob {repo}@{desc.digest}")
         response = self._request(
-            "HEAD", self._url(f"/v2/{repo}/blobs/{check_digest(desc.digest)}"),
-            what=what, scopes=(self._scope(repo),),
+            "HEAD",
+            self._url(f"/v2/{repo}/blobs/{check_digest(desc.digest)}"),
+            what=what,
+            scopes=(self._scope(repo),),
         )
         if response.status_code == 404:
             return False
@@ -426,14 +453,20 @@ class RegistryClient:
         raw.open()  # so that a missing blob fails here, not at the first read
         return io.BufferedReader(raw, buffer_size=_IO_SIZE)  # type: ignore[return-value]
 
-    def _get_blob(self, repo: str, digest: str, start: int, end: int | None, what: str) -> httpx.Response:
+    def _get_blob(
+        self, repo: str, digest: str, start: int, end: int | None, what: str
+    ) -> httpx.Response:
         """A streamed GET of the blob from byte `start` (to `end` inclusive, if given)."""
         headers = {"Accept-Encoding": "identity"}
         if start or end is not None:
             headers["Range"] = f"bytes={start}-{'' if end is None else end}"
         response = self._request(
-            "GET", self._url(f"/v2/{repo}/blobs/{check_digest(digest)}"),
-            what=what, scopes=(self._scope(repo),), headers=headers, stream=True,
+            "GET",
+            self._url(f"/v2/{repo}/blobs/{check_digest(digest)}"),
+            what=what,
+            scopes=(self._scope(repo),),
+            headers=headers,
+            stream=True,
         )
         if response.status_code == 404:
             response.close()
@@ -460,7 +493,7 @@ class RegistryClient:
                 # A 200 is the whole blob (the server ignored Range): cut the slice out.
                 skip = offset if response.status_code == 200 else 0
                 out = bytearray()
-                for piece in response.iter_raw(_IO_SIZE):
+                for piece in response.iter_raw():
                     if skip:
                         cut = min(skip, len(piece))
                         piece, skip = piece[cut:], skip - cut
@@ -512,7 +545,7 @@ class RegistryClient:
 
         def chunks(offset: int, length: int) -> Iterator[bytes]:
             for i in range(offset, offset + length, _IO_SIZE):
-                yield bytes(view[i:min(i + _IO_SIZE, offset + length)])
+                yield bytes(view[i : min(i + _IO_SIZE, offset + length)])
 
         self._push_blob(repo, desc, len(data), chunks)
 
@@ -586,20 +619,31 @@ class RegistryClient:
         return url
 
     def _upload_monolithic(
-        self, location: httpx.URL, desc: Descriptor, size: int,
-        chunks: Callable[[int, int], Iterator[bytes]], what: str,
+        self,
+        location: httpx.URL,
+        desc: Descriptor,
+        size: int,
+        chunks: Callable[[int, int], Iterator[bytes]],
+        what: str,
     ) -> None:
         response = self._request(
-            "PUT", location.copy_merge_params({"digest": desc.digest}),
-            what=what, scopes=(self._scope_from(location),), retry=False,
+            "PUT",
+            location.copy_merge_params({"digest": desc.digest}),
+            what=what,
+            scopes=(self._scope_from(location),),
+            retry=False,
             headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
             body=lambda: chunks(0, size),
         )
         self._check_committed(response, desc, what)
 
     def _upload_chunked(
-        self, location: httpx.URL, desc: Descriptor, size: int,
-        chunks: Callable[[int, int], Iterator[bytes]], what: str,
+        self,
+        location: httpx.URL,
+        desc: Descriptor,
+        size: int,
+        chunks: Callable[[int, int], Iterator[bytes]],
+        what: str,
     ) -> None:
         scope = self._scope_from(location)
         offset = 0
@@ -607,7 +651,11 @@ class RegistryClient:
             length = min(self.chunk_size, size - offset)
             last = offset + length - 1
             response = self._request(
-                "PATCH", location, what=what, scopes=(scope,), retry=False,
+                "PATCH",
+                location,
+                what=what,
+                scopes=(scope,),
+                retry=False,
                 headers={
                     "Content-Type": "application/octet-stream",
                     "Content-Range": f"{offset}-{last}",
@@ -621,8 +669,13 @@ class RegistryClient:
                 raise _TransientError(f"{what}: registry has bytes {received}, sent up to {last}")
             offset += length
         response = self._request(
-            "PUT", location.copy_merge_params({"digest": desc.digest}),
-            what=what, scopes=(scope,), retry=False, headers={"Content-Length": "0"}, body=b"",
+            "PUT",
+            location.copy_merge_params({"digest": desc.digest}),
+            what=what,
+            scopes=(scope,),
+            retry=False,
+            headers={"Content-Length": "0"},
+            body=b"",
         )
         self._check_committed(response, desc, what)
 
@@ -639,15 +692,20 @@ class RegistryClient:
     def _scope_from(self, location: httpx.URL) -> str:
         """The token scope for an upload URL (/v2/REPO/blobs/uploads/UUID)."""
         path = location.path
-        repo = path[len("/v2/"):].rsplit("/blobs/uploads/", 1)[0] if path.startswith("/v2/") else ""
+        repo = (
+            path[len("/v2/") :].rsplit("/blobs/uploads/", 1)[0] if path.startswith("/v2/") else ""
+        )
         return self._scope(repo)
 
     def _cancel_upload(self, location: httpx.URL) -> None:
         """Best effort: a failed push leaves no upload session behind."""
         try:
             response = self._request(
-                "DELETE", location, what=self._what("cancel upload"),
-                scopes=(self._scope_from(location),), retry=False,
+                "DELETE",
+                location,
+                what=self._what("cancel upload"),
+                scopes=(self._scope_from(location),),
+                retry=False,
             )
             response.close()
         except (RegistryError, httpx.HTTPError) as e:
@@ -675,11 +733,15 @@ class _BlobReader(io.RawIOBase):
         return True
 
     def open(self) -> None:
-        response = self._client._get_blob(self._repo, self._desc.digest, self._pos, None, self._what)
+        response = self._client._get_blob(
+            self._repo, self._desc.digest, self._pos, None, self._what
+        )
         # A 200 to a Range request is the whole blob: skip what was already read.
         self._skip = self._pos if response.status_code == 200 else 0
         self._response = response
-        self._pieces = response.iter_raw(_IO_SIZE)
+        # No chunk size: pieces come as the network delivers them, so nothing
+        # received before a drop sits in a buffer and is lost.
+        self._pieces = response.iter_raw()
 
     def _drop(self, reason: str) -> None:
         self._close_response()
@@ -739,7 +801,9 @@ class _BlobReader(io.RawIOBase):
 class RegistrySource:
     """One registry repository as an ImageSource."""
 
-    def __init__(self, ref: Reference, options: RegistryOptions | None = None, *, push: bool = False):
+    def __init__(
+        self, ref: Reference, options: RegistryOptions | None = None, *, push: bool = False
+    ):
         self.ref = ref
         self.repo = ref.repo
         self.client = RegistryClient(ref.host, options, push=push)
@@ -758,6 +822,12 @@ class RegistrySource:
 
     def close(self) -> None:
         self.client.close()
+
+    def __enter__(self) -> RegistrySource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class RegistryTarget(RegistrySource):
@@ -782,4 +852,3 @@ class RegistryTarget(RegistrySource):
 
     def staging_dir(self) -> str | None:
         return None
-
