@@ -77,7 +77,7 @@ def _output_layout(target: Reference, registry: RegistryOptions) -> Iterator[OCI
     os.makedirs(tmp_root, exist_ok=True)
     staging = tempfile.mkdtemp(prefix="build-", dir=tmp_root)
     try:
-        layout = OCILayout(Reference("oci", path=staging, tag="staged"), create=True)
+        layout = OCILayout(Reference("oci", path=staging, tag=target.tag), create=True)
         yield layout
         layout.close()
         with source_for(layout.ref) as src, target_for(target, registry) as dst:
