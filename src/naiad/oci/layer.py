@@ -206,6 +206,8 @@ def _mtime_ns(info: tarfile.TarInfo) -> int:
 def _xattrs(info: tarfile.TarInfo, what: str) -> dict[bytes, bytes]:
     out: dict[bytes, bytes] = {}
     for key, value in info.pax_headers.items():
+        if not value:
+            continue  # POSIX pax: an empty value unsets the keyword (umoci and Go agree)
         if key.startswith("SCHILY.xattr."):
             name = key[len("SCHILY.xattr."):].encode("utf-8", "surrogateescape")
             out[name] = value.encode("utf-8", "surrogateescape")
