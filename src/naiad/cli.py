@@ -274,6 +274,85 @@ def cmd_copy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mount(args: argparse.Namespace) -> int:
+    from naiad.fs import daemon
+    from naiad.oci.image import Platform
+    from naiad.oci.reference import parse_reference
+
+    ref = parse_reference(args.ref)
+    if args.foreground:
+        from naiad.fs.mount import MountOptions, serve
+
+        options = MountOptions(platform=Platform.parse(args.platform), prefetch_all=args.prefetch_all,
+                               prefetch_rate=_size(args.prefetch_rate) if args.prefetch_rate else 0,
+                               amplify=_size(args.amplify))
+        try:
+            serve(ref, args.mountpoint, _registry_options(args), options, args.notify_fd)
+        except NaiadError as e:
+            if args.notify_fd is not None:
+                with contextlib.suppress(OSError):
+                    os.write(args.notify_fd, f"error: {e}\n".encode())
+            raise
+        return 0
+    pid = daemon.spawn(args.argv_for_daemon, args.mountpoint)
+    print(f"{args.ref} mounted at {args.mountpoint} (pid {pid})", file=sys.stderr)
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from naiad.fs.daemon import umount
+
+    umount(args.mountpoint)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from naiad.fs.daemon import read_state
+
+    state = read_state(args.mountpoint)
+    stats = read_state(args.mountpoint, "stats.json")
+    obj = {**state, **stats}
+    pf = stats.get("prefetch", {})
+    lines = [
+        f"{state['ref']} at {state['mountpoint']} (pid {state['pid']})",
+        f"fetched        {_human(stats['bytes_fetched'])} in {stats['requests']} requests "
+        f"({stats['chunks_fetched']} chunks, {stats['errors']} errors)",
+        f"from cache     {stats['chunks_from_cache']} chunks",
+        f"served         {_human(stats['bytes_served'])} to {stats['files_read']} files "
+        f"(read amplification {stats['read_amplification']})",
+        f"fetch latency  p50 {stats['fetch_ms_p50']} ms, p99 {stats['fetch_ms_p99']} ms",
+        f"prefetch       {_human(pf.get('done_bytes', 0))} of {_human(pf.get('total_bytes', 0))}"
+        + (" (done)" if pf.get("finished") else ""),
+    ]
+    _emit(args, obj, "\n".join(lines))
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from naiad.storage.cache import ChunkCache
+
+    cache = ChunkCache()
+    try:
+        if args.action == "ls":
+            rows = [{"blob": b, "chunks": n, "bytes": size, "last_used": t}
+                    for b, n, size, t in cache.blobs()]
+            n, size = cache.usage()
+            _emit(args, {"root": cache.root, "chunks": n, "bytes": size, "blobs": rows},
+                  "\n".join([f"{r['blob']}  {r['chunks']:>7} chunks  {_human(r['bytes']):>10}" for r in rows]
+                            + [f"total: {n} chunks, {_human(size)} in {cache.root}"]))
+            return 0
+        if args.action == "gc" and args.max_size is None:
+            raise NaiadError("cache gc needs --max-size SIZE")
+        limit = 0 if args.action == "prune" else _size(args.max_size)
+        evicted, freed = cache.gc(limit)
+        n, size = cache.usage()
+        _emit(args, {"evicted_chunks": evicted, "evicted_bytes": freed, "chunks": n, "bytes": size},
+              f"evicted {evicted} chunks ({_human(freed)}); {n} chunks, {_human(size)} remain")
+        return 0
+    finally:
+        cache.close()
+
+
 # --- parser ---------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -347,11 +426,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="source image reference")
     p.add_argument("target", help="target image reference")
     p.set_defaults(func=cmd_copy)
+
+    p = sub.add_parser("mount", parents=[reg], help="mount a naiad image lazily (FUSE)",
+                       description="Mount a naiad image read-only at MOUNTPOINT after fetching only its "
+                       "manifest and bootstrap; file data is fetched, verified and cached on first read. "
+                       "Runs as a daemon unless --foreground.")
+    p.add_argument("ref", help="naiad image reference")
+    p.add_argument("mountpoint", help="an existing empty directory")
+    p.add_argument("--foreground", action="store_true", help="serve in this process until unmounted")
+    p.add_argument("--prefetch-all", action="store_true",
+                   help="after the image's prefetch list, fetch every chunk in the background")
+    p.add_argument("--prefetch-rate", metavar="SIZE",
+                   help="bandwidth cap of background prefetch per second, e.g. 50M (default: none)")
+    p.add_argument("--amplify", default="1M", metavar="SIZE",
+                   help="fetch up to this many bytes of neighbouring chunks with a read (default: 1M)")
+    p.add_argument("--notify-fd", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("umount", help="unmount a naiad mount", description="Unmount a naiad mount "
+                       "and stop its daemon.")
+    p.add_argument("mountpoint")
+    p.set_defaults(func=cmd_umount)
+
+    p = sub.add_parser("stats", parents=[out], help="fetch statistics of a mount",
+                       description="Bytes and chunks fetched, cache hits, requests, read amplification, "
+                       "fetch latency and prefetch progress of a running mount.")
+    p.add_argument("mountpoint")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("cache", parents=[out], help="inspect or shrink the chunk cache",
+                       description="The node's chunk cache in $NAIAD_HOME/cache: ls lists it, gc evicts "
+                       "least recently used chunks down to --max-size, prune empties it. Chunks that "
+                       "running mounts hold are kept.")
+    p.add_argument("action", choices=("ls", "gc", "prune"))
+    p.add_argument("--max-size", metavar="SIZE", help="for gc: the size to shrink to, e.g. 10G")
+    p.set_defaults(func=cmd_cache)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    # The mount daemon is started with this command's own arguments.
+    args.argv_for_daemon = argv[argv.index("mount") + 1:] if args.command == "mount" else None
     try:
         return args.func(args)
     except NaiadError as e:

@@ -9,13 +9,16 @@ layer carries that layer's new content and nothing whited out later.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import errno
 import hashlib
 import json
 import os
+import sqlite3
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import zstandard
@@ -23,7 +26,7 @@ import zstandard
 from naiad.builder.chunks import ChunkStore
 from naiad.builder.tree import Node, Tree
 from naiad.format import spec
-from naiad.format.bootstrap import ROOT_INO, BootstrapWriter
+from naiad.format.bootstrap import ROOT_INO, UNCOMPRESSED_ALIGN, BootstrapWriter
 from naiad.oci import mediatypes as mt
 from naiad.oci.image import Descriptor
 from naiad.oci.layout import OCILayout
@@ -76,7 +79,7 @@ def assemble(
                 per_blob[layer].append(digest)
 
     blob_descs: list[Descriptor] = []
-    chunk_rows: list[tuple[int, bytes, int, int, int, int]] = []
+    chunk_rows: list[tuple[int, bytes, int, int, int, int, int]] = []
     chunk_ids: dict[bytes, int] = {}
     blob_rows: list[tuple[int, str, int, str]] = []
     for digests in per_blob:
@@ -85,15 +88,17 @@ def assemble(
         blob_id = len(blob_descs) + 1
         path = os.path.join(staging, f"blob-{blob_id}")
         h = hashlib.sha256()
-        offset = 0
+        offset = uoffset = 0
         with open(path, "wb") as f:
             for digest in digests:
                 data, stored = store.read_stored(digest)
                 f.write(data)
                 h.update(data)
                 chunk_ids[digest] = len(chunk_rows) + 1
-                chunk_rows.append((len(chunk_rows) + 1, digest, blob_id, offset, stored.csize, stored.usize))
+                chunk_rows.append((len(chunk_rows) + 1, digest, blob_id, offset, stored.csize, stored.usize,
+                                   uoffset))
                 offset += stored.csize
+                uoffset += -(-stored.usize // UNCOMPRESSED_ALIGN) * UNCOMPRESSED_ALIGN
                 if progress:
                     progress(stored.usize)
         desc = Descriptor(spec.MEDIA_TYPE_BLOB, "sha256:" + h.hexdigest(), offset,
@@ -103,16 +108,17 @@ def assemble(
         blob_rows.append((blob_id, desc.digest, desc.size, store.codec.name))
 
     db_path = os.path.join(staging, "bootstrap.db")
-    writer = BootstrapWriter(db_path, store.chunk_size)
-    try:
-        _write_tree(writer, tree, order, inos, nlinks, chunk_ids)
-        writer.add_blobs(blob_rows)
-        writer.add_chunks(chunk_rows)
-        writer.set_prefetch(inos[id(n)] for p in prefetch if (n := tree.get_checked(p, "prefetch list")))
-        writer.finish()
-    except BaseException:
-        writer.abort()
-        raise
+    with _disk_full_as_oserror():
+        writer = BootstrapWriter(db_path, store.chunk_size)
+        try:
+            _write_tree(writer, tree, order, inos, nlinks, chunk_ids)
+            writer.add_blobs(blob_rows)
+            writer.add_chunks(chunk_rows)
+            writer.set_prefetch(inos[id(n)] for p in prefetch if (n := tree.get_checked(p, "prefetch list")))
+            writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
     bootstrap, diff_id = _compress_bootstrap(db_path, layout)
 
     new_config = copy.deepcopy(config)
@@ -130,6 +136,17 @@ def assemble(
     manifest_digest = layout.put_manifest(_canonical_json(manifest), mt.OCI_MANIFEST, tag)
     files = len({id(n) for _, _, n in order if stat.S_ISREG(n.mode)})
     return BuildResult(manifest_digest, manifest, blob_descs, bootstrap, files, store.bytes_in)
+
+
+@contextlib.contextmanager
+def _disk_full_as_oserror() -> Iterator[None]:
+    """SQLite's "database or disk is full" as the ENOSPC it is, so it is reported as one."""
+    try:
+        yield
+    except sqlite3.OperationalError as e:
+        if e.sqlite_errorcode != sqlite3.SQLITE_FULL:
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
 
 
 def _write_tree(writer: BootstrapWriter, tree: Tree, order: list[tuple[bytes, Node, Node]],

@@ -33,9 +33,10 @@ class Spool:
         with self._lock:
             offset = self._size
             self._size += len(data)
-        written = os.pwrite(self.fd, data, offset)
-        if written != len(data):
-            raise OSError(f"short write to {self.path}")
+        view, pos = memoryview(data), offset
+        while view:  # a short write is retried, so a full disk surfaces as ENOSPC
+            n = os.pwrite(self.fd, view, pos)
+            view, pos = view[n:], pos + n
         return offset
 
     def read(self, offset: int, size: int) -> bytes:

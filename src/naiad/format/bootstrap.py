@@ -21,6 +21,9 @@ from naiad.errors import FormatError
 from naiad.format.spec import FORMAT_VERSION
 
 ROOT_INO = 1
+# Chunks sit at multiples of this in a blob's uncompressed byte space (the
+# cache's per-blob file, and later a kernel block device).
+UNCOMPRESSED_ALIGN = 4096
 APPLICATION_ID = 0x6E616961  # "naia"
 PAGE_SIZE = 4096
 
@@ -62,7 +65,8 @@ CREATE TABLE chunks (
     blob INTEGER NOT NULL,
     offset INTEGER NOT NULL,
     csize INTEGER NOT NULL,
-    usize INTEGER NOT NULL
+    usize INTEGER NOT NULL,
+    uoffset INTEGER NOT NULL
 );
 CREATE TABLE file_chunks (
     ino INTEGER NOT NULL,
@@ -121,6 +125,7 @@ class Chunk:
     offset: int
     csize: int
     usize: int
+    uoffset: int
     foffset: int = 0
 
 
@@ -159,8 +164,9 @@ class BootstrapWriter:
     def add_blobs(self, rows: Iterable[tuple[int, str, int, str]]) -> None:
         self._db.executemany("INSERT INTO blobs VALUES (?,?,?,?)", rows)
 
-    def add_chunks(self, rows: Iterable[tuple[int, bytes, int, int, int, int]]) -> None:
-        self._db.executemany("INSERT INTO chunks VALUES (?,?,?,?,?,?)", rows)
+    def add_chunks(self, rows: Iterable[tuple[int, bytes, int, int, int, int, int]]) -> None:
+        """Rows of (id, digest, blob, offset, csize, usize, uoffset)."""
+        self._db.executemany("INSERT INTO chunks VALUES (?,?,?,?,?,?,?)", rows)
 
     def add_file_chunks(self, rows: Iterable[tuple[int, int, int]]) -> None:
         self._db.executemany("INSERT INTO file_chunks VALUES (?,?,?)", rows)
@@ -210,6 +216,9 @@ class Bootstrap:
             raise FormatError(f"{path} is not a naiad bootstrap")
         if meta.get("version") != str(FORMAT_VERSION):
             raise FormatError(f"{path}: bootstrap version {meta.get('version')} is not supported")
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(chunks)")}
+        if "uoffset" not in columns:
+            raise FormatError(f"{path}: bootstrap from a pre-release naiad (no chunks.uoffset); reconvert")
         self.meta = meta
         self.chunk_size = int(meta["chunk_size"])
 
@@ -311,7 +320,7 @@ class Bootstrap:
         return [
             Chunk(*r)
             for r in self._db.execute(
-                "SELECT c.id, c.digest, c.blob, c.offset, c.csize, c.usize, f.foffset"
+                "SELECT c.id, c.digest, c.blob, c.offset, c.csize, c.usize, c.uoffset, f.foffset"
                 " FROM file_chunks f JOIN chunks c ON c.id = f.chunk"
                 " WHERE f.ino = ? AND f.foffset < ? AND f.foffset >= ?"
                 " ORDER BY f.foffset",
@@ -322,9 +331,20 @@ class Bootstrap:
     def chunks(self) -> Iterator[Chunk]:
         """Every stored chunk, ordered by blob and offset (the order to stream blobs in)."""
         for r in self._db.execute(
-            "SELECT id, digest, blob, offset, csize, usize FROM chunks ORDER BY blob, offset"
+            "SELECT id, digest, blob, offset, csize, usize, uoffset FROM chunks ORDER BY blob, offset"
         ):
             yield Chunk(*r)
+
+    def blob_chunks_after(self, blob: int, offset: int, limit: int) -> list[Chunk]:
+        """Up to `limit` chunks of `blob` stored at or after `offset`, in blob order."""
+        return [
+            Chunk(*r)
+            for r in self._db.execute(
+                "SELECT id, digest, blob, offset, csize, usize, uoffset FROM chunks"
+                " WHERE blob = ? AND offset >= ? ORDER BY offset LIMIT ?",
+                (blob, offset, limit),
+            )
+        ]
 
     def files_of_chunk(self, chunk_id: int) -> list[int]:
         return [r[0] for r in self._db.execute(

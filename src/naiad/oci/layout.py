@@ -32,6 +32,7 @@ class OCILayout:
         self.root = ref.path
         self._staging: str | None = None
         self._added: list[str] = []  # blobs this session created, for rollback()
+        self._fds: dict[str, int] = {}  # open blobs, for range reads
         if create:
             os.makedirs(os.path.join(self.root, "blobs", "sha256"), exist_ok=True)
             layout_file = os.path.join(self.root, "oci-layout")
@@ -97,11 +98,14 @@ class OCILayout:
             raise NotFoundError(f"{self.ref}: blob {desc.digest} is missing from {self.root}") from None
 
     def read_range(self, digest: str, offset: int, size: int) -> bytes:
-        try:
-            with open(self.blob_path(digest), "rb") as f:
-                return os.pread(f.fileno(), size, offset)
-        except FileNotFoundError:
-            raise NotFoundError(f"{self.ref}: blob {digest} is missing from {self.root}") from None
+        fd = self._fds.get(digest)
+        if fd is None:
+            try:
+                fd = os.open(self.blob_path(digest), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise NotFoundError(f"{self.ref}: blob {digest} is missing from {self.root}") from None
+            fd = self._fds.setdefault(digest, fd)
+        return os.pread(fd, size, offset)
 
     # --- target -------------------------------------------------------
 
@@ -161,6 +165,9 @@ class OCILayout:
         self._added.clear()
 
     def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None

@@ -1,0 +1,168 @@
+"""Benchmark input images, built once into `$NAIAD_BENCH_CACHE` and reused.
+
+- `torchapp`: the PyTorch inference reference image (3 gzip layers, ~356 MB
+  compressed, ~1.17 GB uncompressed), built by `../shared/images/torchapp.sh`
+  (root, debootstrap, umoci, the Debian mirror). `$NAIAD_BENCH_TORCHAPP` may
+  point at an already built OCI layout instead.
+- `small`: one layer holding this Python's standard library, built with umoci
+  in seconds; what `--quick` converts.
+
+`layer_sizes()` returns each layer's compressed and uncompressed (tar) size;
+the uncompressed size is found by decompressing the layer once and is cached
+by digest in `$NAIAD_BENCH_CACHE/layer-sizes.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sysconfig
+import zlib
+from pathlib import Path
+
+from bench import BenchError, Context
+from bench.harness import blob_path, has_tag, manifest, require_tools
+
+TORCHAPP_TAG = "torchapp"
+SMALL_TAG = "small"
+
+
+@dataclasses.dataclass(frozen=True)
+class Image:
+    layout: Path
+    tag: str
+
+    @property
+    def ref(self) -> str:
+        return f"oci:{self.layout}:{self.tag}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    digest: str
+    media_type: str
+    compressed: int
+    uncompressed: int
+
+
+def torchapp(ctx: Context) -> Image:
+    """The reference image: `$NAIAD_BENCH_TORCHAPP`, else $NAIAD_BENCH_CACHE/torchapp/oci (or build it)."""
+    override = os.environ.get("NAIAD_BENCH_TORCHAPP")
+    if override:
+        layout = Path(override)
+        if not has_tag(layout, TORCHAPP_TAG):
+            raise BenchError(f"$NAIAD_BENCH_TORCHAPP={override} is not an OCI layout "
+                             f"with tag {TORCHAPP_TAG!r}")
+        return Image(layout, TORCHAPP_TAG)
+    outdir = ctx.cache / "torchapp"
+    layout = outdir / "oci"
+    if has_tag(layout, TORCHAPP_TAG):
+        return Image(layout, TORCHAPP_TAG)
+    script = Path(os.environ.get("NAIAD_TORCHAPP_SCRIPT", ctx.repo.parent / "shared/images/torchapp.sh"))
+    if not script.is_file():
+        raise BenchError(f"cannot build the torchapp image: {script} not found (set $NAIAD_TORCHAPP_SCRIPT, "
+                         "or $NAIAD_BENCH_TORCHAPP to a built OCI layout)")
+    if os.geteuid() != 0:
+        raise BenchError(f"building the torchapp image needs root ({script}); or set $NAIAD_BENCH_TORCHAPP "
+                         "to an OCI layout built by it")
+    require_tools("debootstrap", "umoci", why="building the torchapp image")
+    log = ctx.cache / "torchapp-build.log"
+    ctx.log(f"building the torchapp image into {outdir} (several minutes; log: {log})")
+    outdir.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as f:
+        rc = subprocess.run(["bash", str(script), str(outdir)], stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0 or not has_tag(layout, TORCHAPP_TAG):
+        raise BenchError(f"{script} {outdir} failed (exit {rc}); see {log}")
+    return Image(layout, TORCHAPP_TAG)
+
+
+def small(ctx: Context) -> Image:
+    """A one-layer image of the standard library (~50 MB of files), built with umoci."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    layout = ctx.cache / "small" / "oci"
+    if has_tag(layout, SMALL_TAG):
+        return Image(layout, SMALL_TAG)
+    require_tools("umoci", why="building the small image")
+    ctx.log(f"building the small image from {stdlib} into {layout}")
+    work = ctx.cache / "small"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    tmp_layout, bundle = work / "oci.tmp", work / "bundle"
+    rootless = [] if os.geteuid() == 0 else ["--rootless"]
+    try:
+        _umoci("init", "--layout", str(tmp_layout))
+        _umoci("new", "--image", f"{tmp_layout}:{SMALL_TAG}")
+        _umoci("unpack", *rootless, "--image", f"{tmp_layout}:{SMALL_TAG}", str(bundle))
+        dest = bundle / "rootfs" / stdlib.relative_to("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(stdlib, dest, symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "site-packages", "dist-packages"))
+        _umoci("repack", "--history.created_by", f"copy of {stdlib}", "--image", f"{tmp_layout}:{SMALL_TAG}",
+               str(bundle))
+        _umoci("gc", "--layout", str(tmp_layout))
+        tmp_layout.rename(layout)
+    finally:
+        shutil.rmtree(bundle, ignore_errors=True)
+        shutil.rmtree(tmp_layout, ignore_errors=True)
+    return Image(layout, SMALL_TAG)
+
+
+def _umoci(*args: str) -> None:
+    proc = subprocess.run(["umoci", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BenchError(f"umoci {' '.join(args)} failed: {proc.stderr.strip()}")
+
+
+def layer_sizes(ctx: Context, image: Image) -> list[Layer]:
+    """Compressed and uncompressed size of each layer of `image` (decompressed once, then cached)."""
+    cache_file = ctx.cache / "layer-sizes.json"
+    try:
+        known: dict[str, int] = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        known = {}
+    layers = []
+    for desc in manifest(image.layout, image.tag)["layers"]:
+        digest, media_type = desc["digest"], desc["mediaType"]
+        if digest not in known:
+            known[digest] = _uncompressed_size(blob_path(image.layout, digest), media_type)
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            cache_file.write_text(json.dumps(known, indent=1, sort_keys=True))
+        layers.append(Layer(digest, media_type, desc["size"], known[digest]))
+    return layers
+
+
+def _uncompressed_size(path: Path, media_type: str) -> int:
+    total = 0
+    with open(path, "rb") as f:
+        if media_type.endswith("+zstd"):
+            import zstandard
+
+            reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+            while chunk := reader.read(1 << 20):
+                total += len(chunk)
+        elif media_type.endswith("+gzip") or media_type.endswith(".gzip"):
+            d = zlib.decompressobj(wbits=47)  # gzip or zlib header, several members
+            while data := f.read(1 << 20):
+                while data:
+                    total += len(d.decompress(data))
+                    if d.eof:  # another gzip member follows
+                        data = d.unused_data
+                        d = zlib.decompressobj(wbits=47)
+                    else:
+                        data = b""
+            total += len(d.flush())
+        else:  # uncompressed tar
+            total = os.fstat(f.fileno()).st_size
+    return total
+
+
+def warm_page_cache(image: Image) -> None:
+    """Read every blob once, so that the first timed repetition does not pay for the disk."""
+    for p in (image.layout / "blobs").rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                while f.read(1 << 22):
+                    pass

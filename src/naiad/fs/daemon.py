@@ -1,0 +1,106 @@
+"""Mount daemons: one process per lazy mount, its state under `$NAIAD_HOME/mounts/`.
+
+`mount()` starts `naiad mount --foreground` as a process of its own (so it
+outlives the command that started it, and later the snapshotter) and waits
+until the filesystem is up or reports why not. The daemon writes
+`state.json` (pid, ref, mountpoint), refreshes `stats.json` every second,
+and writes `trace.json` (files in first-read order) when it stops. SIGTERM
+and SIGINT unmount cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from naiad.errors import NaiadError
+from naiad.paths import naiad_home
+
+log = logging.getLogger(__name__)
+READY_TIMEOUT = 300.0
+
+
+def state_dir(mountpoint: str) -> str:
+    key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
+    return os.path.join(naiad_home(), "mounts", key)
+
+
+def write_json(path: str, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.rename(tmp, path)
+
+
+def read_state(mountpoint: str, name: str = "state.json") -> dict[str, Any]:
+    try:
+        with open(os.path.join(state_dir(mountpoint), name)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise NaiadError(f"{mountpoint} is not a naiad mount (no {name})") from None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def spawn(argv: list[str], mountpoint: str, timeout: float = READY_TIMEOUT) -> int:
+    """Start `naiad mount --foreground` ARGV as a daemon; wait until it is mounted. Returns its pid."""
+    os.makedirs(state_dir(mountpoint), exist_ok=True)
+    log_path = os.path.join(state_dir(mountpoint), "daemon.log")
+    r, w = os.pipe()
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "naiad", "mount", "--foreground", "--notify-fd", str(w), *argv],
+            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,), start_new_session=True,
+        )
+    os.close(w)
+    deadline = time.monotonic() + timeout
+    buf = b""
+    with os.fdopen(r, "rb") as pipe:
+        while time.monotonic() < deadline:
+            line = pipe.readline()
+            if not line:
+                break
+            buf += line
+            if line.startswith(b"ready"):
+                return proc.pid
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    message = buf.decode(errors="replace").strip().removeprefix("error: ")
+    if not message:
+        message = f"mount daemon exited (status {proc.wait()}); see {log_path}"
+    raise NaiadError(message)
+
+
+def umount(mountpoint: str, timeout: float = 30.0) -> None:
+    """Unmount a naiad mount and wait for its daemon to exit."""
+    state = read_state(mountpoint)
+    pid = int(state["pid"])
+    if os.path.ismount(mountpoint):
+        proc = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+        if proc.returncode != 0:
+            if not pid_alive(pid):  # the daemon died: the mount is stale, detach it
+                subprocess.run(["umount", "-l", mountpoint], capture_output=True)
+            else:
+                raise NaiadError(f"cannot unmount {mountpoint}: {proc.stderr.strip() or 'busy'}")
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if pid_alive(pid):
+        os.kill(pid, signal.SIGTERM)

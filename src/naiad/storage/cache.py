@@ -1,0 +1,254 @@
+"""The node's chunk cache, shared by every image and mount under `$NAIAD_HOME/cache`.
+
+Layout: one sparse file per blob (`blobs/<hex>`) holding chunks uncompressed
+at their `uoffset` (docs/format.md), plus an SQLite index (`index.db`, WAL)
+whose rows say which chunks are present. The index is keyed by chunk
+digest, so a chunk that two images share is stored once, wherever it
+arrived first.
+
+Crash safety: a chunk's bytes are written before its index row is
+committed, so a process killed at any point leaves at worst bytes nobody
+points at, never a row pointing at torn bytes. Only verified chunks are
+ever put here (the fetcher decodes and checks them first), and each process
+re-verifies a chunk the first time it reads one that another process
+wrote, so a cache file damaged or replaced on disk is caught, dropped and
+fetched again rather than served.
+
+Eviction is least-recently-used by chunk: holes are punched where evicted
+chunks were, so the files stay sparse and their layout stays fixed. Every
+process that has a cache file open holds a shared flock on it, and eviction
+takes an exclusive one without waiting: chunks of a file that a running
+mount is using are never evicted under its feet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
+import fcntl
+import hashlib
+import os
+import sqlite3
+import threading
+import time
+
+from naiad.paths import naiad_home
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS chunks (
+    digest BLOB PRIMARY KEY,
+    blob TEXT NOT NULL,
+    uoffset INTEGER NOT NULL,
+    usize INTEGER NOT NULL,
+    atime INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS chunks_atime ON chunks (atime);
+CREATE INDEX IF NOT EXISTS chunks_blob ON chunks (blob);
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheEntry:
+    blob: str
+    uoffset: int
+    usize: int
+
+
+class ChunkCache:
+    """Thread-safe; several processes may share one cache directory."""
+
+    def __init__(self, root: str | None = None):
+        self.root = root or os.path.join(naiad_home(), "cache")
+        os.makedirs(os.path.join(self.root, "blobs"), exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(os.path.join(self.root, "index.db"), check_same_thread=False,
+                                   isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        self._db.executescript(SCHEMA)
+        self._fds: dict[str, int] = {}
+        self._touched: dict[bytes, int] = {}
+        # Chunks this process wrote or has checked, with where they are.
+        self._verified: dict[bytes, CacheEntry] = {}
+        self._last_flush = time.monotonic()
+
+    def _path(self, blob: str) -> str:
+        return os.path.join(self.root, "blobs", blob.removeprefix("sha256:"))
+
+    def _fd(self, blob: str) -> int:
+        fd = self._fds.get(blob)
+        if fd is None:
+            fd = os.open(self._path(blob), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            with self._lock:
+                if blob in self._fds:
+                    os.close(fd)
+                    fd = self._fds[blob]
+                else:
+                    self._fds[blob] = fd
+        return fd
+
+    def lookup(self, digest: bytes) -> CacheEntry | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT blob, uoffset, usize FROM chunks WHERE digest = ?", (digest,)
+            ).fetchone()
+        return CacheEntry(*row) if row else None
+
+    def contains(self, digest: bytes) -> bool:
+        return digest in self._verified or self.lookup(digest) is not None
+
+    def get(self, digest: bytes) -> bytes | None:
+        """The chunk's uncompressed bytes, if cached."""
+        entry = self._verified.get(digest)
+        if entry is not None:
+            data = os.pread(self._fd(entry.blob), entry.usize, entry.uoffset)
+            self._touch(digest)
+            return data
+        entry = self.lookup(digest)
+        if entry is None:
+            return None
+        data = os.pread(self._fd(entry.blob), entry.usize, entry.uoffset)
+        if len(data) != entry.usize or hashlib.sha256(data).digest() != digest:
+            self._forget(digest)
+            return None
+        self._verified[digest] = entry
+        self._touch(digest)
+        return data
+
+    def read_part(self, digest: bytes, start: int, size: int) -> bytes | None:
+        """Bytes [start, start+size) of a cached chunk (reads only those once it is verified)."""
+        entry = self._verified.get(digest)
+        if entry is None:
+            data = self.get(digest)
+            return None if data is None else data[start:start + size]
+        self._touch(digest)
+        return os.pread(self._fd(entry.blob), min(size, entry.usize - start), entry.uoffset + start)
+
+    def _forget(self, digest: bytes) -> None:
+        with self._lock:
+            self._verified.pop(digest, None)
+            self._db.execute("DELETE FROM chunks WHERE digest = ?", (digest,))
+
+    def put(self, digest: bytes, blob: str, uoffset: int, data: bytes) -> None:
+        """Store verified chunk bytes; the row is committed only after the bytes are written."""
+        fd = self._fd(blob)
+        view = memoryview(data)
+        pos = uoffset
+        while view:
+            n = os.pwrite(fd, view, pos)
+            view, pos = view[n:], pos + n
+        with self._lock:
+            self._verified[digest] = CacheEntry(blob, uoffset, len(data))
+            self._db.execute(
+                "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?)",
+                (digest, blob, uoffset, len(data), int(time.time())),
+            )
+
+    def _touch(self, digest: bytes) -> None:
+        # Access times are batched: one write per few seconds, not one per read.
+        now = int(time.time())
+        with self._lock:
+            self._touched[digest] = now
+            if time.monotonic() - self._last_flush < 5:
+                return
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if self._touched:
+            self._db.executemany("UPDATE chunks SET atime = ? WHERE digest = ?",
+                                 [(t, d) for d, t in self._touched.items()])
+            self._touched.clear()
+        self._last_flush = time.monotonic()
+
+    # --- administration -------------------------------------------------
+
+    def usage(self) -> tuple[int, int]:
+        """(chunks, bytes) present."""
+        with self._lock:
+            n, size = self._db.execute("SELECT count(*), coalesce(sum(usize), 0) FROM chunks").fetchone()
+        return n, size
+
+    def blobs(self) -> list[tuple[str, int, int, int]]:
+        """(blob, chunks, bytes, last use) per cache file."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT blob, count(*), sum(usize), max(atime) FROM chunks GROUP BY blob ORDER BY blob"
+            ).fetchall()
+
+    def gc(self, max_size: int) -> tuple[int, int]:
+        """Evict least recently used chunks until at most `max_size` bytes remain.
+
+        Chunks in files that another process has open are skipped. Returns
+        (chunks, bytes) evicted.
+        """
+        with self._lock:
+            self._flush_locked()
+            rows = self._db.execute(
+                "SELECT digest, blob, uoffset, usize FROM chunks ORDER BY atime, digest"
+            ).fetchall()
+        total = sum(r[3] for r in rows)
+        victims: dict[str, list[tuple[bytes, int, int]]] = {}
+        for digest, blob, uoffset, usize in rows:
+            if total <= max_size:
+                break
+            victims.setdefault(blob, []).append((digest, uoffset, usize))
+            total -= usize
+        evicted = evicted_bytes = 0
+        for blob, chunks in victims.items():
+            if blob in self._fds:
+                continue  # in use by this process
+            try:
+                fd = os.open(self._path(blob), os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                fd = None
+            try:
+                if fd is not None:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # a running mount uses this file
+                # Rows go first: a crash after this leaves dead bytes, never a row without bytes.
+                with self._lock:
+                    self._db.execute("BEGIN")
+                    self._db.executemany("DELETE FROM chunks WHERE digest = ?", [(c[0],) for c in chunks])
+                    self._db.execute("COMMIT")
+                    remaining = self._db.execute(
+                        "SELECT count(*) FROM chunks WHERE blob = ?", (blob,)).fetchone()[0]
+                if fd is not None:
+                    if remaining == 0:
+                        os.unlink(self._path(blob))
+                    else:
+                        for _, uoffset, usize in chunks:
+                            _punch(fd, uoffset, usize)
+                evicted += len(chunks)
+                evicted_bytes += sum(c[2] for c in chunks)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        return evicted, evicted_bytes
+
+    def prune(self) -> tuple[int, int]:
+        """Remove every chunk that no running mount holds."""
+        return self.gc(0)
+
+    def close(self) -> None:
+        with self._lock:
+            with contextlib.suppress(sqlite3.Error):
+                self._flush_locked()
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+            self._db.close()
+
+
+def _punch(fd: int, offset: int, size: int) -> None:
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                       ctypes.c_long(offset), ctypes.c_long(size)) != 0:
+        os.pwrite(fd, b"\0" * size, offset)  # no hole punching here: zeros will do

@@ -1,0 +1,207 @@
+"""Getting verified chunks: from the cache, else from the backend, fetched once.
+
+`ChunkFetcher.read(chunks)` returns the uncompressed bytes of each chunk.
+Cache misses are grouped into as few range requests as possible: chunks
+adjacent in one blob become one request, and a small read may pull in the
+chunks stored after it (read amplification, `amplify` bytes). Concurrent
+readers of the same chunk share one fetch. Every fetched chunk is decoded
+and checked against its sha256 before it is cached or returned; a chunk
+that fails is neither, and the next read tries again.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol
+
+from naiad.errors import NaiadError
+from naiad.format.bootstrap import Blob, Bootstrap, Chunk
+from naiad.format.chunk import decode_chunk
+from naiad.storage.cache import ChunkCache
+
+DEFAULT_AMPLIFY = 1 << 20
+MAX_REQUEST = 16 << 20
+
+
+class RangeReader(Protocol):
+    """A storage backend: registry, local layout, or the node's peer daemon."""
+
+    def read_range(self, digest: str, offset: int, size: int) -> bytes: ...
+
+
+class FetchError(NaiadError):
+    """A chunk that could not be fetched or failed verification."""
+
+
+@dataclasses.dataclass
+class FetchStats:
+    requests: int = 0
+    bytes_fetched: int = 0
+    chunks_fetched: int = 0
+    chunks_from_cache: int = 0
+    bytes_served: int = 0
+    errors: int = 0
+    latencies: list[float] = dataclasses.field(default_factory=list)
+
+    def snapshot(self) -> dict:
+        lat = sorted(self.latencies)
+
+        def pct(p: float) -> float | None:
+            return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 2) if lat else None
+
+        return {
+            "requests": self.requests, "bytes_fetched": self.bytes_fetched,
+            "chunks_fetched": self.chunks_fetched, "chunks_from_cache": self.chunks_from_cache,
+            "bytes_served": self.bytes_served, "errors": self.errors,
+            "read_amplification": round(self.bytes_fetched / self.bytes_served, 3)
+            if self.bytes_served else None,
+            "fetch_ms_p50": pct(0.5), "fetch_ms_p99": pct(0.99),
+        }
+
+
+class ChunkFetcher:
+    def __init__(self, bootstrap: Bootstrap, backend: RangeReader, cache: ChunkCache, *,
+                 amplify: int = DEFAULT_AMPLIFY, workers: int = 8):
+        self.bootstrap = bootstrap
+        self.backend = backend
+        self.cache = cache
+        self.amplify = amplify
+        self.blobs: dict[int, Blob] = {b.id: b for b in bootstrap.blobs()}
+        self.stats = FetchStats()
+        self._lock = threading.Lock()
+        self._inflight: dict[bytes, Future[bytes]] = {}
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="naiad-fetch")
+
+    def read(self, chunks: list[Chunk]) -> list[bytes]:
+        """Uncompressed bytes of each chunk, in order; FetchError if any cannot be had."""
+        out: list[bytes | None] = []
+        waits: list[tuple[int, Future[bytes]]] = []
+        mine: list[Chunk] = []
+        for i, chunk in enumerate(chunks):
+            data = self.cache.get(chunk.digest)
+            if data is not None:
+                out.append(data)
+                with self._lock:
+                    self.stats.chunks_from_cache += 1
+                continue
+            out.append(None)
+            with self._lock:
+                fut = self._inflight.get(chunk.digest)
+                if fut is None:
+                    fut = self._inflight[chunk.digest] = Future()
+                    mine.append(chunk)
+            waits.append((i, fut))
+        if mine:
+            self._fetch(mine)
+        for i, fut in waits:
+            out[i] = fut.result()
+        with self._lock:
+            self.stats.bytes_served += sum(len(d) for d in out if d is not None)
+        return out  # type: ignore[return-value]
+
+    def prefetch(self, chunks: Iterable[Chunk]) -> None:
+        """Fetch into the cache, without amplification (the list is the plan)."""
+        self.read([c for c in chunks if not self.cache.contains(c.digest)])
+
+    # --- fetching ------------------------------------------------------
+
+    def _fetch(self, chunks: list[Chunk]) -> None:
+        groups = self._plan(chunks)
+        if len(groups) == 1:
+            self._fetch_group(*groups[0])
+            return
+        for f in [self._pool.submit(self._fetch_group, *g) for g in groups]:
+            f.result()
+
+    def _plan(self, chunks: list[Chunk]) -> list[tuple[Blob, list[Chunk]]]:
+        """Merge chunks into ranges: (blob, the chunks of one contiguous range)."""
+        by_blob: dict[int, list[Chunk]] = {}
+        for c in chunks:
+            by_blob.setdefault(c.blob, []).append(c)
+        groups = []
+        for blob_id, items in by_blob.items():
+            items.sort(key=lambda c: c.offset)
+            items = self._amplified(blob_id, items)
+            run: list[Chunk] = []
+            for c in items:
+                if run and (c.offset != run[-1].offset + run[-1].csize
+                            or c.offset + c.csize - run[0].offset > MAX_REQUEST):
+                    groups.append(run)
+                    run = []
+                run.append(c)
+            if run:
+                groups.append(run)
+        return [(self.blobs[g[0].blob], g) for g in groups]
+
+    def _amplified(self, blob_id: int, items: list[Chunk]) -> list[Chunk]:
+        """Add the chunks stored right after the asked ones, up to `amplify` bytes, if not cached."""
+        if self.amplify <= 0:
+            return items
+        extra: dict[bytes, Chunk] = {}
+        offsets = [c.offset for c in items]
+        for c in items:
+            budget = self.amplify - c.csize
+            for n in self.bootstrap.blob_chunks_after(blob_id, c.offset + c.csize, 64):
+                if budget < n.csize:
+                    break
+                budget -= n.csize
+                j = bisect.bisect_left(offsets, n.offset)
+                if (j < len(offsets) and offsets[j] == n.offset) or n.digest in extra:
+                    continue  # asked for anyway
+                # Stop at the first neighbour that is cached or being fetched: the range ends there.
+                if self.cache.contains(n.digest):
+                    break
+                with self._lock:
+                    if n.digest in self._inflight:
+                        break
+                    self._inflight[n.digest] = Future()
+                extra[n.digest] = n
+        return sorted([*items, *extra.values()], key=lambda c: c.offset)
+
+    def _fetch_group(self, blob: Blob, run: list[Chunk]) -> None:
+        start = run[0].offset
+        size = run[-1].offset + run[-1].csize - start
+        t0 = time.monotonic()
+        try:
+            data = self.backend.read_range(blob.digest, start, size)
+            if len(data) != size:
+                raise FetchError(f"blob {blob.digest}: short read ({len(data)} of {size} bytes at {start})")
+        except Exception as e:
+            self._fail(run, e)
+            return
+        with self._lock:
+            self.stats.requests += 1
+            self.stats.bytes_fetched += size
+            self.stats.latencies.append(time.monotonic() - t0)
+            if len(self.stats.latencies) > 10000:
+                del self.stats.latencies[:5000]
+        for c in run:
+            stored = data[c.offset - start: c.offset - start + c.csize]
+            try:
+                chunk = decode_chunk(stored, c, blob.compressor)
+                self.cache.put(c.digest, blob.digest, c.uoffset, chunk)
+            except Exception as e:
+                self._fail([c], e)
+                continue
+            with self._lock:
+                self.stats.chunks_fetched += 1
+                fut = self._inflight.pop(c.digest, None)
+            if fut is not None:
+                fut.set_result(chunk)
+
+    def _fail(self, run: list[Chunk], error: Exception) -> None:
+        err = error if isinstance(error, FetchError) else FetchError(str(error) or type(error).__name__)
+        with self._lock:
+            self.stats.errors += 1
+            futs = [self._inflight.pop(c.digest, None) for c in run]
+        for fut in futs:
+            if fut is not None:
+                fut.set_exception(err)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
