@@ -25,6 +25,7 @@ import zstandard
 
 from naiad.builder.chunks import ChunkStore
 from naiad.builder.tree import Node, Tree
+from naiad.errors import InvalidLayerError
 from naiad.format import spec
 from naiad.format.bootstrap import ROOT_INO, UNCOMPRESSED_ALIGN, BootstrapWriter
 from naiad.oci import mediatypes as mt
@@ -114,26 +115,13 @@ def assemble(
             _write_tree(writer, tree, order, inos, nlinks, chunk_ids)
             writer.add_blobs(blob_rows)
             writer.add_chunks(chunk_rows)
-            writer.set_prefetch(inos[id(n)] for p in prefetch if (n := tree.get_checked(p, "prefetch list")))
+            writer.set_prefetch(inos[id(n)] for p in prefetch if (n := _prefetch_node(tree, p)))
             writer.finish()
         except BaseException:
             writer.abort()
             raise
-    bootstrap, diff_id = _compress_bootstrap(db_path, layout)
-
-    new_config = copy.deepcopy(config)
-    new_config["rootfs"] = {"type": "layers", "diff_ids": [d.digest for d in blob_descs] + [diff_id]}
-    config_bytes = _canonical_json(new_config)
-    config_desc = Descriptor.for_bytes(mt.OCI_CONFIG, config_bytes)
-    layout.put_blob_bytes(config_bytes, config_desc)
-    manifest: dict[str, Any] = {
-        "schemaVersion": 2,
-        "mediaType": mt.OCI_MANIFEST,
-        "config": config_desc.to_json(),
-        "layers": [d.to_json() for d in [*blob_descs, bootstrap]],
-        "annotations": {spec.ANNOTATION_VERSION: str(spec.FORMAT_VERSION), **(annotations or {})},
-    }
-    manifest_digest = layout.put_manifest(_canonical_json(manifest), mt.OCI_MANIFEST, tag)
+    manifest_digest, manifest, bootstrap = finish_image(layout, config, blob_descs, db_path, tag,
+                                                         annotations)
     files = len({id(n) for _, _, n in order if stat.S_ISREG(n.mode)})
     return BuildResult(manifest_digest, manifest, blob_descs, bootstrap, files, store.bytes_in)
 
@@ -147,6 +135,40 @@ def _disk_full_as_oserror() -> Iterator[None]:
         if e.sqlite_errorcode != sqlite3.SQLITE_FULL:
             raise
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+
+
+def _prefetch_node(tree: Tree, path: bytes) -> Node | None:
+    """The regular file a prefetch list names; other paths (or ones through a symlink) are skipped."""
+    try:
+        node = tree.get(path, "prefetch list")
+    except InvalidLayerError:
+        return None
+    return node if node is not None and stat.S_ISREG(node.mode) else None
+
+
+def finish_image(layout: OCILayout, config: dict[str, Any], blob_descs: list[Descriptor], db_path: str,
+                 tag: str | None, annotations: dict[str, str] | None = None,
+                 ) -> tuple[str, dict[str, Any], Descriptor]:
+    """Add the bootstrap at `db_path`, the config and (last) the manifest to `layout`.
+
+    The config is `config` with rootfs.diff_ids made to match the layers.
+    Returns (manifest digest, manifest, bootstrap descriptor).
+    """
+    bootstrap, diff_id = _compress_bootstrap(db_path, layout)
+    new_config = copy.deepcopy(config)
+    new_config["rootfs"] = {"type": "layers", "diff_ids": [d.digest for d in blob_descs] + [diff_id]}
+    config_bytes = _canonical_json(new_config)
+    config_desc = Descriptor.for_bytes(mt.OCI_CONFIG, config_bytes)
+    layout.put_blob_bytes(config_bytes, config_desc)
+    manifest: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": mt.OCI_MANIFEST,
+        "config": config_desc.to_json(),
+        "layers": [d.to_json() for d in [*blob_descs, bootstrap]],
+        "annotations": {spec.ANNOTATION_VERSION: str(spec.FORMAT_VERSION), **(annotations or {})},
+    }
+    digest = layout.put_manifest(_canonical_json(manifest), mt.OCI_MANIFEST, tag)
+    return digest, manifest, bootstrap
 
 
 def _write_tree(writer: BootstrapWriter, tree: Tree, order: list[tuple[bytes, Node, Node]],

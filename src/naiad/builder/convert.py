@@ -27,6 +27,7 @@ from naiad.format import spec
 from naiad.format.compression import codec
 from naiad.oci.copy import copy_image
 from naiad.oci.image import (
+    ImageSource,
     Platform,
     RegistryOptions,
     ResolvedImage,
@@ -59,8 +60,12 @@ def default_target_tag(source: Reference, target: Reference) -> str | None:
 
 
 @contextlib.contextmanager
-def _output_layout(target: Reference, registry: RegistryOptions) -> Iterator[OCILayout]:
-    """The layout to assemble into; for a registry target, a staging layout pushed at the end."""
+def output_layout(target: Reference, registry: RegistryOptions,
+                  fallback: ImageSource | None = None) -> Iterator[OCILayout]:
+    """The layout to assemble into; for a registry target, a staging layout pushed at the end.
+
+    Blobs the staging layout lacks are pushed from `fallback`.
+    """
     if target.transport == "oci":
         layout = OCILayout(target, create=True)
         try:
@@ -81,7 +86,7 @@ def _output_layout(target: Reference, registry: RegistryOptions) -> Iterator[OCI
         yield layout
         layout.close()
         with source_for(layout.ref) as src, target_for(target, registry) as dst:
-            copy_image(src, dst, target.tag)
+            copy_image(src, dst, target.tag, fallback=fallback)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -103,7 +108,7 @@ def convert(source_ref: Reference, target_ref: Reference, options: BuildOptions,
             layer.media_type == spec.MEDIA_TYPE_BOOTSTRAP for layer in image.layers
         ):
             raise FormatError(f"{source_ref} is already a naiad image")
-        with _output_layout(target_ref, registry) as layout:
+        with output_layout(target_ref, registry) as layout:
             store = ChunkStore(layout.staging_dir(), options.chunk_size, codec(options.compressor),
                                options.workers)
             try:
@@ -176,7 +181,7 @@ def build_from_dir(root: str, target_ref: Reference, options: BuildOptions,
         config = {"architecture": options.platform.architecture, "os": options.platform.os,
                   "config": {}, "rootfs": {"type": "layers", "diff_ids": []}}
     target_ref = target_ref if target_ref.tag or target_ref.digest else target_ref.with_tag("latest")
-    with _output_layout(target_ref, registry) as layout:
+    with output_layout(target_ref, registry) as layout:
         store = ChunkStore(layout.staging_dir(), options.chunk_size, codec(options.compressor),
                            options.workers)
         try:

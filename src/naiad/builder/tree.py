@@ -84,12 +84,6 @@ class Tree:
             node = child
         return node, parts[-1]
 
-    def get(self, path: bytes) -> Node | None:
-        if not path:
-            return self.root
-        parent, name = self._parent(path, "", create=False)
-        return None if parent is None or parent.children is None else parent.children.get(name)
-
     def apply_layer(self, entries: list[tuple[LayerEntry, list[bytes] | None]], what: str) -> None:
         """Apply one layer's entries (each with its file's chunk digests) onto the tree."""
         hidden = [e for e, _ in entries if e.kind in ("whiteout", "opaque")]
@@ -101,7 +95,7 @@ class Tree:
             self._put(entry.path, entry, node_from_entry(entry, chunks), what)
         links = [e for e, _ in entries if e.kind == "hardlink"]
         for entry in sorted(links, key=lambda e: e.path):
-            target = self.get_checked(entry.link, what)
+            target = self.get(entry.link, what)
             if target is None:
                 raise InvalidLayerError(
                     f"{what}: hard link {self._show(entry.path)} points at missing {self._show(entry.link)}"
@@ -110,7 +104,10 @@ class Tree:
                 raise InvalidLayerError(f"{what}: hard link {self._show(entry.path)} points at a directory")
             self._put(entry.path, entry, target, what)
 
-    def get_checked(self, path: bytes, what: str) -> Node | None:
+    def get(self, path: bytes, what: str) -> Node | None:
+        """The node at `path`, or None; InvalidLayerError if the way there crosses a symlink."""
+        if not path:
+            return self.root
         parent, name = self._parent(path, what, create=False)
         return None if parent is None or parent.children is None else parent.children.get(name)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import sqlite3
 import stat
 from collections.abc import Iterable, Iterator
@@ -187,6 +188,22 @@ class BootstrapWriter:
         self._db.close()
         if os.path.exists(self.path):
             os.unlink(self.path)
+
+
+def rewrite_prefetch(src: str, dst: str, inos: Iterable[int]) -> None:
+    """Write at `dst` a copy of bootstrap `src` whose prefetch list is `inos`, reproducibly."""
+    shutil.copyfile(src, dst)
+    db = sqlite3.connect(dst, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode = OFF")
+        db.execute("BEGIN")
+        db.execute("DELETE FROM prefetch")
+        db.executemany("INSERT INTO prefetch VALUES (?,?)", enumerate(inos, 1))
+        db.execute("COMMIT")
+        db.execute("VACUUM")
+    finally:
+        db.close()
+    _normalise_header(dst)
 
 
 def _normalise_header(path: str) -> None:

@@ -28,8 +28,13 @@ class CopyResult:
 
 
 def copy_image(source: ImageSource, target: ImageTarget, tag: str | None,
-               advance: Callable[[int], None] | None = None) -> CopyResult:
-    """Copy the image `source.ref` names (one platform manifest, as resolved) to `target`."""
+               advance: Callable[[int], None] | None = None,
+               fallback: ImageSource | None = None) -> CopyResult:
+    """Copy the image `source.ref` names (one platform manifest, as resolved) to `target`.
+
+    Blobs that `source` lacks are taken from `fallback` (an image derived
+    from another shares most of its blobs with it).
+    """
     image = resolve_image(source)
     blobs = [image.config_desc, *image.layers]
     sent = sent_bytes = 0
@@ -38,7 +43,10 @@ def copy_image(source: ImageSource, target: ImageTarget, tag: str | None,
             if advance:
                 advance(desc.size)
             continue
-        _copy_blob(source, target, desc, advance)
+        src = source
+        if fallback is not None and isinstance(source, OCILayout) and not source.has_blob(desc):
+            src = fallback
+        copy_blob(src, target, desc, advance)
         sent += 1
         sent_bytes += desc.size
     data, _ = source.get_manifest(image.manifest_digest)
@@ -46,8 +54,11 @@ def copy_image(source: ImageSource, target: ImageTarget, tag: str | None,
     return CopyResult(digest, len(blobs), sum(d.size for d in blobs), sent, sent_bytes)
 
 
-def _copy_blob(source: ImageSource, target: ImageTarget, desc: Descriptor,
-               advance: Callable[[int], None] | None) -> None:
+def copy_blob(source: ImageSource, target: ImageTarget, desc: Descriptor,
+              advance: Callable[[int], None] | None = None) -> None:
+    """Copy one blob, verified, unless the target has it."""
+    if target.has_blob(desc):
+        return
     if isinstance(source, OCILayout):
         target.put_blob_file(source.blob_path(desc.digest), desc)
         if advance:
