@@ -353,6 +353,18 @@ def cmd_cache(args: argparse.Namespace) -> int:
         cache.close()
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from naiad.oci.image import Platform
+    from naiad.runtime.run import RunOptions, run
+
+    command = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
+    options = RunOptions(env=args.env, workdir=args.workdir, user=args.user, entrypoint=args.entrypoint,
+                         net=args.net, prefetch_all=args.prefetch_all, keep=args.keep,
+                         stop_timeout=args.stop_timeout, platform=Platform.parse(args.platform),
+                         registry=_registry_options(args))
+    return run(args.ref, command, options)
+
+
 # --- parser ---------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -461,6 +473,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("ls", "gc", "prune"))
     p.add_argument("--max-size", metavar="SIZE", help="for gc: the size to shrink to, e.g. 10G")
     p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("run", parents=[reg], help="run a container from a naiad image (lazily, with runc)",
+                       usage="naiad run [OPTIONS] REF [-- COMMAND [ARG...]]",
+                       description="Mount REF lazily, put a writable overlay on top and run COMMAND "
+                       "(default: the image's entrypoint and cmd) in a runc container, with the image's env, "
+                       "workdir and user. Options go before REF. The exit status is the command's (125 "
+                       "when naiad itself fails). Ctrl-C/SIGTERM go to the container; mounts, overlay and "
+                       "container are removed on exit. Needs root.")
+    p.add_argument("ref", help="naiad image reference")
+    p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="COMMAND",
+                   help="command and arguments, after '--' (replace the image's cmd)")
+    p.add_argument("-e", "--env", action="append", default=[], metavar="KEY[=VALUE]",
+                   help="set an environment variable (repeatable); KEY alone passes this shell's value")
+    p.add_argument("-w", "--workdir", metavar="DIR", help="working directory in the container")
+    p.add_argument("-u", "--user", metavar="USER[:GROUP]",
+                   help="user to run as: names (from the image's /etc/passwd, /etc/group) or ids")
+    p.add_argument("--entrypoint", metavar="PROGRAM",
+                   help="replace the image's entrypoint (and ignore its cmd); '' clears it")
+    p.add_argument("--net", choices=("host", "none"), default="host",
+                   help="host: share this machine's network (default); none: loopback only")
+    p.add_argument("--prefetch-all", action="store_true",
+                   help="fetch the whole image in the background while the container runs")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the container's writes (the overlay upper dir) and print where")
+    p.add_argument("--stop-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="after forwarding Ctrl-C/SIGTERM, wait this long before killing (default: 10)")
+    p.set_defaults(func=cmd_run)
     return parser
 
 

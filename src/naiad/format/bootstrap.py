@@ -316,6 +316,17 @@ class Bootstrap:
             parts.append(row[1])
         return "/" + os.fsdecode(b"/".join(reversed(parts)))
 
+    def paths_of(self, inos: Iterable[int]) -> dict[int, str]:
+        """A path of each inode in `inos`, in one walk of the tree (path_of is one scan per level)."""
+        wanted = set(inos)
+        found: dict[int, str] = {}
+        for path, _parent, attr in self.walk():
+            if attr.ino in wanted and attr.ino not in found:
+                found[attr.ino] = os.fsdecode(path)
+                if len(found) == len(wanted):
+                    break
+        return found
+
     def walk(self) -> Iterator[tuple[bytes, int, Attr]]:
         """(path, parent ino, attributes) of every entry, depth first, children sorted by name."""
         stack: list[tuple[bytes, int]] = [(b"", ROOT_INO)]

@@ -20,7 +20,7 @@ import trio
 
 from naiad.errors import NaiadError
 from naiad.format.bootstrap import Bootstrap, Chunk
-from naiad.fs.daemon import state_dir, write_json
+from naiad.fs.daemon import is_mounted, state_dir, write_json
 from naiad.fs.lazyfs import LazyFS
 from naiad.oci.image import Platform, RegistryOptions, source_for
 from naiad.oci.reference import Reference
@@ -101,10 +101,16 @@ def serve(ref: Reference, mountpoint: str, registry: RegistryOptions, options: M
     mountpoint = os.path.realpath(mountpoint)
     state = state_dir(mountpoint)
     os.makedirs(state, exist_ok=True)
+    # The mount table first: a mount whose daemon died fails every stat with ENOTCONN.
+    if is_mounted(mountpoint):
+        raise NaiadError(f"{mountpoint} is already a mount point")
+    if not os.path.lexists(mountpoint):
+        raise NaiadError(f"mount point {mountpoint} does not exist")
     if not os.path.isdir(mountpoint):
         raise NaiadError(f"mount point {mountpoint} is not a directory")
-    if os.path.ismount(mountpoint):
-        raise NaiadError(f"{mountpoint} is already a mount point")
+    # FUSE 3 mounts over anything; files hidden under an image would confuse whoever looks later.
+    if os.listdir(mountpoint):
+        raise NaiadError(f"mount point {mountpoint} is not empty")
     with source_for(ref, registry) as source:
         img = NaiadImage.open(source, options.platform)
         cache = ChunkCache()
@@ -163,4 +169,5 @@ async def _report(fs: LazyFS, prefetcher: Prefetcher, state: str) -> None:
 
 def _write_trace(state: str, fs: LazyFS, bs: Bootstrap) -> None:
     order = sorted(fs.first_reads, key=fs.first_reads.__getitem__)
-    write_json(os.path.join(state, "trace.json"), [bs.path_of(ino) for ino in order])
+    paths = bs.paths_of(order)
+    write_json(os.path.join(state, "trace.json"), [paths[ino] for ino in order if ino in paths])
