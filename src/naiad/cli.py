@@ -365,6 +365,44 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(args.ref, command, options)
 
 
+def cmd_optimize(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from naiad.builder.optimize import with_prefetch_list
+    from naiad.oci.image import Platform
+    from naiad.oci.reference import parse_reference
+    from naiad.runtime.run import RunOptions, run
+
+    source, target = parse_reference(args.ref), parse_reference(args.target)
+    if not (target.tag or target.digest):
+        target = target.with_tag(f"{source.tag or 'latest'}-optimized")
+    command = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
+    exit_code = None
+    if args.prefetch_list:
+        with open(args.prefetch_list, encoding="utf-8") as f:
+            paths = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    else:
+        with tempfile.TemporaryDirectory(prefix="naiad-optimize-") as tmp:
+            trace = os.path.join(tmp, "trace.json")
+            options = RunOptions(env=args.env, net=args.net, platform=Platform.parse(args.platform),
+                                 registry=_registry_options(args), trace_to=trace)
+            exit_code = run(args.ref, command or None, options)
+            if not os.path.exists(trace):
+                raise NaiadError("the run left no access trace")
+            with open(trace, encoding="utf-8") as f:
+                paths = json.load(f)
+        if exit_code != 0 and not args.allow_failure:
+            raise NaiadError(f"the command exited with {exit_code}; not writing an image from its trace "
+                             "(--allow-failure to write it anyway)")
+    result = with_prefetch_list(source, target, paths, _registry_options(args), Platform.parse(args.platform))
+    obj = {"target": str(target), "manifest_digest": result.manifest_digest, "prefetch_files": result.files,
+           "prefetch_bytes": result.bytes, "not_found": result.missing, "command_exit_code": exit_code}
+    _emit(args, obj, f"{target}@{result.manifest_digest}: prefetch list of {result.files} files "
+          f"({_human(result.bytes)})" + (f", {len(result.missing)} paths not in the image"
+                                         if result.missing else ""))
+    return 0
+
+
 # --- parser ---------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -500,6 +538,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="after forwarding Ctrl-C/SIGTERM, wait this long before killing (default: 10)")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("optimize", parents=[reg, out], help="record what an app reads and prefetch it",
+                       description="Run CMD (default: the image's entrypoint) in a container of the lazily "
+                       "mounted image REF, record the order in which files are first read, and write TARGET: "
+                       "the same image (same blobs) with that order as its prefetch list, so that mounts "
+                       "fetch those files first. With --prefetch-list, take the list from a file instead. "
+                       "TARGET without a tag gets REF's tag + '-optimized'.")
+    p.add_argument("ref", help="naiad image reference")
+    p.add_argument("target", help="where to write the optimized image")
+    p.add_argument("--prefetch-list", metavar="FILE", help="paths to prefetch, one per line (no run)")
+    p.add_argument("-e", "--env", action="append", default=[], metavar="K[=V]", help="environment for CMD")
+    p.add_argument("--net", choices=("host", "none"), default="host", help="network of the run")
+    p.add_argument("--allow-failure", action="store_true",
+                   help="write the image even if CMD exits non-zero")
+    p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- CMD", help="command to run")
+    p.set_defaults(func=cmd_optimize)
     return parser
 
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,13 +51,33 @@ def read_state(mountpoint: str, name: str = "state.json") -> dict[str, Any]:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether `pid` runs. A zombie does not: a daemon whose starter exited is reaped by
+    init whenever init gets to it, and waiting for that made every umount slow."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (FileNotFoundError, IndexError):
         return False
-    except PermissionError:
-        return True
-    return True
+
+
+def is_mounted(path: str) -> bool:
+    """Whether something is mounted on `path`, from the mount table.
+
+    Not os.path.ismount: it stats the path, which fails (ENOTCONN) on a FUSE
+    mount whose daemon died, and then says False although the mount is there.
+    """
+    path = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                field = line.split()[4]
+                # Spaces, tabs, newlines and backslashes are written as octal escapes.
+                target = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field)
+                if target == os.fsencode(path):
+                    return True
+    except FileNotFoundError:  # no /proc: fall back to what stat tells
+        return os.path.ismount(path)
+    return False
 
 
 def spawn(argv: list[str], mountpoint: str, timeout: float = READY_TIMEOUT) -> int:
@@ -92,13 +113,16 @@ def umount(mountpoint: str, timeout: float = 30.0) -> None:
     """Unmount a naiad mount and wait for its daemon to exit."""
     state = read_state(mountpoint)
     pid = int(state["pid"])
-    if os.path.ismount(mountpoint):
+    if is_mounted(mountpoint):
         proc = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
         if proc.returncode != 0:
-            if not pid_alive(pid):  # the daemon died: the mount is stale, detach it
-                subprocess.run(["umount", "-l", mountpoint], capture_output=True)
-            else:
+            if pid_alive(pid):
                 raise NaiadError(f"cannot unmount {mountpoint}: {proc.stderr.strip() or 'busy'}")
+            # The daemon died: the mount is stale and nothing can use it; detach it.
+            subprocess.run(["umount", "-l", mountpoint], capture_output=True)
+            if is_mounted(mountpoint):
+                raise NaiadError(f"cannot unmount {mountpoint} (its daemon, pid {pid}, is gone): "
+                                 f"{proc.stderr.strip()}")
     deadline = time.monotonic() + timeout
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -179,11 +179,16 @@ class LazyFS(pyfuse3.Operations):
                 log.warning("read of inode %d at %d failed: %s", f.ino, off, e)
                 raise pyfuse3.FUSEError(errno.EIO) from None
             fetched = {c.digest: d for c, d in zip(missing, datas, strict=True)}
+        from_cache = 0
         for c in wanted:
             lo = max(off, c.foffset) - c.foffset
             hi = min(end, c.foffset + c.usize) - c.foffset
             data = fetched.get(c.digest)
-            part = data[lo:hi] if data is not None else cache.read_part(c.digest, lo, hi - lo)
+            if data is not None:
+                part = data[lo:hi]
+            else:
+                part = cache.read_part(c.digest, lo, hi - lo)
+                from_cache += part is not None
             if part is None:  # evicted or damaged since we looked: fetch it again
                 try:
                     data = (await trio.to_thread.run_sync(self.fetcher.read, [c],
@@ -193,7 +198,9 @@ class LazyFS(pyfuse3.Operations):
                     raise pyfuse3.FUSEError(errno.EIO) from None
                 part = data[lo:hi]
             parts.append(part)
-        return b"".join(parts)
+        out = b"".join(parts)
+        self.fetcher.served(len(out), from_cache)
+        return out
 
     async def release(self, fh: int) -> None:
         self._files.pop(fh, None)

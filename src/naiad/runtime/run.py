@@ -78,6 +78,7 @@ class RunOptions:
     stop_timeout: float = 10.0
     platform: Platform = dataclasses.field(default_factory=Platform)
     registry: RegistryOptions = dataclasses.field(default_factory=RegistryOptions)
+    trace_to: str | None = None  # copy the lazy mount's first-read trace here (for optimize)
 
 
 class _Interrupted(Exception):
@@ -110,6 +111,7 @@ def run(ref: str, command: Sequence[str] | None, options: RunOptions) -> int:
     try:
         try:
             run = _RunDir.create(keep=options.keep)
+            run.trace_to = options.trace_to
             _prepare(run, ref, command, options)
             return _run_container(run, runc, options.stop_timeout, received)
         except _Interrupted as e:
@@ -327,6 +329,7 @@ class _RunDir:
     container_started: bool = False
     terminal: bool = False
     daemon_spawned: bool = False
+    trace_to: str | None = None
 
     @classmethod
     def create(cls, keep: bool = False) -> _RunDir:
@@ -441,6 +444,9 @@ class _RunDir:
                 _wait_gone(pid, 10.0)
             if _is_mount(self.lower):
                 problems += _umount(self.lower)
+            trace = os.path.join(daemon.state_dir(self.lower), "trace.json")
+            if self.trace_to and os.path.exists(trace):
+                shutil.copyfile(trace, self.trace_to)
             shutil.rmtree(daemon.state_dir(self.lower), ignore_errors=True)
         return problems
 

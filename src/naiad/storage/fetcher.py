@@ -77,48 +77,58 @@ class ChunkFetcher:
         self._inflight: dict[bytes, Future[bytes]] = {}
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="naiad-fetch")
 
-    def read(self, chunks: list[Chunk]) -> list[bytes]:
+    def read(self, chunks: list[Chunk], *, amplify: bool = True) -> list[bytes]:
         """Uncompressed bytes of each chunk, in order; FetchError if any cannot be had."""
         out: list[bytes | None] = []
         waits: list[tuple[int, Future[bytes]]] = []
         mine: list[Chunk] = []
         for i, chunk in enumerate(chunks):
-            data = self.cache.get(chunk.digest)
+            fut = None
+            while (data := self.cache.get(chunk.digest)) is None:
+                with self._lock:
+                    fut = self._inflight.get(chunk.digest)
+                    # A fetch puts its chunks in the cache before it leaves _inflight, so
+                    # one that ended since get() above shows here: no second fetch.
+                    if fut is None and not self.cache.contains(chunk.digest):
+                        fut = self._inflight[chunk.digest] = Future()
+                        mine.append(chunk)
+                if fut is not None:
+                    break
             if data is not None:
                 out.append(data)
                 with self._lock:
                     self.stats.chunks_from_cache += 1
                 continue
             out.append(None)
-            with self._lock:
-                fut = self._inflight.get(chunk.digest)
-                if fut is None:
-                    fut = self._inflight[chunk.digest] = Future()
-                    mine.append(chunk)
             waits.append((i, fut))
         if mine:
-            self._fetch(mine)
+            self._fetch(mine, amplify)
         for i, fut in waits:
             out[i] = fut.result()
-        with self._lock:
-            self.stats.bytes_served += sum(len(d) for d in out if d is not None)
         return out  # type: ignore[return-value]
+
+    def served(self, nbytes: int, from_cache: int) -> None:
+        """Count `nbytes` returned to a reader, `from_cache` chunks of them read from the cache
+        without `read()`. Only the filesystem knows this: prefetch is not serving anyone."""
+        with self._lock:
+            self.stats.bytes_served += nbytes
+            self.stats.chunks_from_cache += from_cache
 
     def prefetch(self, chunks: Iterable[Chunk]) -> None:
         """Fetch into the cache, without amplification (the list is the plan)."""
-        self.read([c for c in chunks if not self.cache.contains(c.digest)])
+        self.read([c for c in chunks if not self.cache.contains(c.digest)], amplify=False)
 
     # --- fetching ------------------------------------------------------
 
-    def _fetch(self, chunks: list[Chunk]) -> None:
-        groups = self._plan(chunks)
+    def _fetch(self, chunks: list[Chunk], amplify: bool) -> None:
+        groups = self._plan(chunks, amplify)
         if len(groups) == 1:
             self._fetch_group(*groups[0])
             return
         for f in [self._pool.submit(self._fetch_group, *g) for g in groups]:
             f.result()
 
-    def _plan(self, chunks: list[Chunk]) -> list[tuple[Blob, list[Chunk]]]:
+    def _plan(self, chunks: list[Chunk], amplify: bool) -> list[tuple[Blob, list[Chunk]]]:
         """Merge chunks into ranges: (blob, the chunks of one contiguous range)."""
         by_blob: dict[int, list[Chunk]] = {}
         for c in chunks:
@@ -126,7 +136,8 @@ class ChunkFetcher:
         groups = []
         for blob_id, items in by_blob.items():
             items.sort(key=lambda c: c.offset)
-            items = self._amplified(blob_id, items)
+            if amplify:
+                items = self._amplified(blob_id, items)
             run: list[Chunk] = []
             for c in items:
                 if run and (c.offset != run[-1].offset + run[-1].csize
@@ -154,10 +165,10 @@ class ChunkFetcher:
                 if (j < len(offsets) and offsets[j] == n.offset) or n.digest in extra:
                     continue  # asked for anyway
                 # Stop at the first neighbour that is cached or being fetched: the range ends there.
-                if self.cache.contains(n.digest):
-                    break
+                # (The cache is asked under the lock, as in read(), so that a fetch that just
+                # ended is seen either in flight or cached.)
                 with self._lock:
-                    if n.digest in self._inflight:
+                    if n.digest in self._inflight or self.cache.contains(n.digest):
                         break
                     self._inflight[n.digest] = Future()
                 extra[n.digest] = n
