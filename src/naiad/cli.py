@@ -368,7 +368,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_optimize(args: argparse.Namespace) -> int:
     import tempfile
 
-    from naiad.builder.optimize import with_prefetch_list
+    from naiad.builder.optimize import optimize_image
     from naiad.oci.image import Platform
     from naiad.oci.reference import parse_reference
     from naiad.runtime.run import RunOptions, run
@@ -378,9 +378,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         target = target.with_tag(f"{source.tag or 'latest'}-optimized")
     command = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
     exit_code = None
+    entries: list[tuple[str, int | None]]
     if args.prefetch_list:
         with open(args.prefetch_list, encoding="utf-8") as f:
-            paths = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+            entries = [(line.strip(), None) for line in f if line.strip() and not line.startswith("#")]
     else:
         with tempfile.TemporaryDirectory(prefix="naiad-optimize-") as tmp:
             trace = os.path.join(tmp, "trace.json")
@@ -390,16 +391,20 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             if not os.path.exists(trace):
                 raise NaiadError("the run left no access trace")
             with open(trace, encoding="utf-8") as f:
-                paths = json.load(f)
+                entries = [(path, index) for path, index in json.load(f)]
         if exit_code != 0 and not args.allow_failure:
             raise NaiadError(f"the command exited with {exit_code}; not writing an image from its trace "
                              "(--allow-failure to write it anyway)")
-    result = with_prefetch_list(source, target, paths, _registry_options(args), Platform.parse(args.platform))
+    result = optimize_image(source, target, entries, relayout=not args.no_relayout,
+                            registry=_registry_options(args), platform=Platform.parse(args.platform))
     obj = {"target": str(target), "manifest_digest": result.manifest_digest, "prefetch_files": result.files,
-           "prefetch_bytes": result.bytes, "not_found": result.missing, "command_exit_code": exit_code}
-    _emit(args, obj, f"{target}@{result.manifest_digest}: prefetch list of {result.files} files "
-          f"({_human(result.bytes)})" + (f", {len(result.missing)} paths not in the image"
-                                         if result.missing else ""))
+           "prefetch_chunks": result.chunks, "prefetch_bytes": result.bytes,
+           "hot_blob": result.hot_blob.to_json() if result.hot_blob else None,
+           "not_found": result.missing, "command_exit_code": exit_code}
+    hot = f", hot blob {_human(result.hot_blob.size)}" if result.hot_blob else ""
+    _emit(args, obj, f"{target}@{result.manifest_digest}: prefetch {result.chunks} chunks of {result.files} "
+          f"files ({_human(result.bytes)}){hot}"
+          + (f"; {len(result.missing)} paths not in the image" if result.missing else ""))
     return 0
 
 
@@ -538,11 +543,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="after forwarding Ctrl-C/SIGTERM, wait this long before killing (default: 10)")
     p.set_defaults(func=cmd_run)
+
     p = sub.add_parser("optimize", parents=[reg, out], help="record what an app reads and prefetch it",
                        description="Run CMD (default: the image's entrypoint) in a container of the lazily "
-                       "mounted image REF, record the order in which files are first read, and write TARGET: "
-                       "the same image (same blobs) with that order as its prefetch list, so that mounts "
-                       "fetch those files first. With --prefetch-list, take the list from a file instead. "
+                       "mounted image REF, record the order in which chunks of files are first read, and "
+                       "write TARGET: the same image with that order as its prefetch list and those chunks "
+                       "copied, in that order, into one new blob, so that mounts fetch them first with a "
+                       "few large requests. With --prefetch-list, take whole files from a list instead. "
                        "TARGET without a tag gets REF's tag + '-optimized'.")
     p.add_argument("ref", help="naiad image reference")
     p.add_argument("target", help="where to write the optimized image")
@@ -551,6 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--net", choices=("host", "none"), default="host", help="network of the run")
     p.add_argument("--allow-failure", action="store_true",
                    help="write the image even if CMD exits non-zero")
+    p.add_argument("--no-relayout", action="store_true",
+                   help="only set the prefetch list; do not copy the hot chunks into a new blob")
     p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- CMD", help="command to run")
     p.set_defaults(func=cmd_optimize)
     return parser

@@ -115,7 +115,7 @@ def assemble(
             _write_tree(writer, tree, order, inos, nlinks, chunk_ids)
             writer.add_blobs(blob_rows)
             writer.add_chunks(chunk_rows)
-            writer.set_prefetch(inos[id(n)] for p in prefetch if (n := _prefetch_node(tree, p)))
+            writer.set_prefetch((inos[id(n)], None) for p in prefetch if (n := _prefetch_node(tree, p)))
             writer.finish()
         except BaseException:
             writer.abort()

@@ -75,7 +75,7 @@ CREATE TABLE file_chunks (
     chunk INTEGER NOT NULL,
     PRIMARY KEY (ino, foffset)
 ) WITHOUT ROWID;
-CREATE TABLE prefetch (seq INTEGER PRIMARY KEY, ino INTEGER NOT NULL);
+CREATE TABLE prefetch (seq INTEGER PRIMARY KEY, ino INTEGER NOT NULL, foffset INTEGER);
 """
 
 
@@ -172,8 +172,10 @@ class BootstrapWriter:
     def add_file_chunks(self, rows: Iterable[tuple[int, int, int]]) -> None:
         self._db.executemany("INSERT INTO file_chunks VALUES (?,?,?)", rows)
 
-    def set_prefetch(self, inos: Iterable[int]) -> None:
-        self._db.executemany("INSERT INTO prefetch VALUES (?,?)", enumerate(inos, 1))
+    def set_prefetch(self, entries: Iterable[tuple[int, int | None]]) -> None:
+        """(ino, foffset) in fetch order; foffset None means the whole file."""
+        self._db.executemany("INSERT INTO prefetch VALUES (?,?,?)",
+                             ((i, ino, foff) for i, (ino, foff) in enumerate(entries, 1)))
 
     def set_meta(self, key: str, value: str) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
@@ -190,15 +192,35 @@ class BootstrapWriter:
             os.unlink(self.path)
 
 
-def rewrite_prefetch(src: str, dst: str, inos: Iterable[int]) -> None:
-    """Write at `dst` a copy of bootstrap `src` whose prefetch list is `inos`, reproducibly."""
+@dataclasses.dataclass(frozen=True)
+class ChunkMove:
+    """A chunk's new home (for relayout): blob id, offset and uncompressed offset there."""
+
+    chunk: int
+    blob: int
+    offset: int
+    uoffset: int
+
+
+def rewrite(src: str, dst: str, prefetch: Iterable[tuple[int, int | None]],
+            new_blobs: Iterable[tuple[int, str, int, str]] = (), moves: Iterable[ChunkMove] = ()) -> None:
+    """Write at `dst` a copy of bootstrap `src` with a new prefetch list, reproducibly.
+
+    `new_blobs` rows (id, digest, size, compressor) are added and `moves`
+    re-home chunks into them; blobs no chunk is left in are dropped.
+    """
     shutil.copyfile(src, dst)
     db = sqlite3.connect(dst, isolation_level=None)
     try:
         db.execute("PRAGMA journal_mode = OFF")
         db.execute("BEGIN")
         db.execute("DELETE FROM prefetch")
-        db.executemany("INSERT INTO prefetch VALUES (?,?)", enumerate(inos, 1))
+        db.executemany("INSERT INTO prefetch VALUES (?,?,?)",
+                       ((i, ino, foff) for i, (ino, foff) in enumerate(prefetch, 1)))
+        db.executemany("INSERT INTO blobs VALUES (?,?,?,?)", new_blobs)
+        db.executemany("UPDATE chunks SET blob = ?, offset = ?, uoffset = ? WHERE id = ?",
+                       ((m.blob, m.offset, m.uoffset, m.chunk) for m in moves))
+        db.execute("DELETE FROM blobs WHERE id NOT IN (SELECT DISTINCT blob FROM chunks)")
         db.execute("COMMIT")
         db.execute("VACUUM")
     finally:
@@ -234,8 +256,9 @@ class Bootstrap:
         if meta.get("version") != str(FORMAT_VERSION):
             raise FormatError(f"{path}: bootstrap version {meta.get('version')} is not supported")
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(chunks)")}
-        if "uoffset" not in columns:
-            raise FormatError(f"{path}: bootstrap from a pre-release naiad (no chunks.uoffset); reconvert")
+        columns |= {r[1] for r in self._db.execute("PRAGMA table_info(prefetch)")}
+        if "uoffset" not in columns or "foffset" not in columns:
+            raise FormatError(f"{path}: bootstrap from a pre-release naiad (old schema); reconvert")
         self.meta = meta
         self.chunk_size = int(meta["chunk_size"])
 
@@ -378,8 +401,25 @@ class Bootstrap:
         return [r[0] for r in self._db.execute(
             "SELECT DISTINCT ino FROM file_chunks WHERE chunk = ? ORDER BY ino", (chunk_id,))]
 
-    def prefetch_list(self) -> list[int]:
-        return [r[0] for r in self._db.execute("SELECT ino FROM prefetch ORDER BY seq")]
+    def prefetch_list(self) -> list[tuple[int, int | None]]:
+        """(ino, foffset) in fetch order; foffset None means the whole file."""
+        return self._db.execute("SELECT ino, foffset FROM prefetch ORDER BY seq").fetchall()
+
+    def prefetch_chunks(self) -> list[Chunk]:
+        """The chunks the prefetch list names, in its order, each once."""
+        return self.prefetch_chunks_of(self.prefetch_list())
+
+    def prefetch_chunks_of(self, entries: Iterable[tuple[int, int | None]]) -> list[Chunk]:
+        """The chunks that (ino, foffset) entries name, in order, each once."""
+        out: list[Chunk] = []
+        seen: set[int] = set()
+        for ino, foffset in entries:
+            chunks = self.file_chunks(ino) if foffset is None else self.file_chunks(ino, foffset, 1)
+            for c in chunks:
+                if c.id not in seen:
+                    seen.add(c.id)
+                    out.append(c)
+        return out
 
     def count(self, table: str) -> int:
         if table not in ("inodes", "dentries", "chunks", "file_chunks", "blobs", "xattrs"):

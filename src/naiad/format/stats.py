@@ -42,6 +42,7 @@ def bootstrap_stats(bs: Bootstrap) -> dict[str, Any]:
         "uncompressed_bytes": unique_bytes,
         "stored_bytes": stored_bytes,
         "compression_ratio": round(unique_bytes / stored_bytes, 4) if stored_bytes else 1.0,
-        "prefetch_files": len(bs.prefetch_list()),
+        "prefetch_files": len({ino for ino, _ in bs.prefetch_list()}),
+        "prefetch_bytes": sum(c.usize for c in bs.prefetch_chunks()),
         "blobs": blobs,
     }

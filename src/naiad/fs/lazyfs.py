@@ -14,7 +14,6 @@ import errno
 import logging
 import os
 import stat
-import time
 
 import pyfuse3
 import trio
@@ -47,7 +46,9 @@ class LazyFS(pyfuse3.Operations):
         self._files: dict[int, _Open] = {}
         self._dirs: dict[int, list[tuple[bytes, Attr]]] = {}
         self._next_fh = 1
-        self.first_reads: dict[int, float] = {}  # ino -> time of first read (access trace)
+        # The access trace: (ino, chunk index) in first-read order (a dict keeps insertion order).
+        self.trace: dict[tuple[int, int], None] = {}
+        self.files_read: set[int] = set()
 
     # --- metadata ------------------------------------------------------
 
@@ -164,9 +165,11 @@ class LazyFS(pyfuse3.Operations):
             return b""
         end = min(off + size, f.size)
         # Chunks are aligned at multiples of chunk_size: chunk i starts at i * chunk_size.
-        wanted = f.chunks[off // self.bs.chunk_size:(end - 1) // self.bs.chunk_size + 1]
-        if f.ino not in self.first_reads:
-            self.first_reads[f.ino] = time.monotonic()
+        first = off // self.bs.chunk_size
+        wanted = f.chunks[first:(end - 1) // self.bs.chunk_size + 1]
+        self.files_read.add(f.ino)
+        for i in range(first, first + len(wanted)):
+            self.trace.setdefault((f.ino, i), None)
         cache = self.fetcher.cache
         parts: list[bytes] = []
         missing = [c for c in wanted if not cache.contains(c.digest)]

@@ -53,13 +53,8 @@ class Prefetcher:
         self.finished = False
 
     def _plan(self) -> list[list[Chunk]]:
-        seen: set[bytes] = set()
-        ordered: list[Chunk] = []
-        for ino in self.bs.prefetch_list():
-            for c in self.bs.file_chunks(ino):
-                if c.digest not in seen:
-                    seen.add(c.digest)
-                    ordered.append(c)
+        ordered = self.bs.prefetch_chunks()
+        seen = {c.digest for c in ordered}
         if self.options.prefetch_all:
             for c in self.bs.chunks():
                 if c.digest not in seen:
@@ -159,7 +154,7 @@ async def _report(fs: LazyFS, prefetcher: Prefetcher, state: str) -> None:
     while True:
         write_json(os.path.join(state, "stats.json"), {
             **fs.fetcher.stats.snapshot(),
-            "files_read": len(fs.first_reads),
+            "files_read": len(fs.files_read),
             "prefetch": {"done_bytes": prefetcher.done_bytes, "total_bytes": prefetcher.total_bytes,
                          "finished": prefetcher.finished},
             "updated": time.time(),
@@ -168,6 +163,7 @@ async def _report(fs: LazyFS, prefetcher: Prefetcher, state: str) -> None:
 
 
 def _write_trace(state: str, fs: LazyFS, bs: Bootstrap) -> None:
-    order = sorted(fs.first_reads, key=fs.first_reads.__getitem__)
-    paths = bs.paths_of(order)
-    write_json(os.path.join(state, "trace.json"), [paths[ino] for ino in order if ino in paths])
+    """trace.json: [path, chunk index] for every chunk read, in first-read order."""
+    paths = bs.paths_of(fs.files_read)
+    write_json(os.path.join(state, "trace.json"),
+               [[paths[ino], index] for ino, index in fs.trace if ino in paths])
