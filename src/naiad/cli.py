@@ -365,6 +365,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(args.ref, command, options)
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr(enabled: bool) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def cmd_optimize(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -387,7 +402,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             trace = os.path.join(tmp, "trace.json")
             options = RunOptions(env=args.env, net=args.net, platform=Platform.parse(args.platform),
                                  registry=_registry_options(args), trace_to=trace)
-            exit_code = run(args.ref, command or None, options)
+            with _stdout_to_stderr(args.json):  # keep --json output parseable
+                exit_code = run(args.ref, command or None, options)
             if not os.path.exists(trace):
                 raise NaiadError("the run left no access trace")
             with open(trace, encoding="utf-8") as f:
