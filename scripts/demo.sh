@@ -13,7 +13,8 @@ umoci new --image "$OCI:demo"
 umoci unpack --image "$OCI:demo" "$WORK/bundle" >/dev/null
 R=$WORK/bundle/rootfs
 mkdir -p "$R/usr/lib" "$R/etc"
-cp -a /usr/lib/python3*/json /usr/lib/python3*/email "$R/usr/lib/"
+STDLIB=$(python3 -c 'import json, os; print(os.path.dirname(os.path.dirname(json.__file__)))')
+cp -a "$STDLIB/json" "$STDLIB/email" "$R/usr/lib/"
 cp -a /etc/os-release /etc/passwd "$R/etc/"
 umoci repack --image "$OCI:demo" "$WORK/bundle"
 rm -rf "$R/usr/lib/email" && echo "v2" > "$R/etc/motd" && ln "$R/etc/passwd" "$R/etc/passwd.link"
