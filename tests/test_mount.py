@@ -660,7 +660,8 @@ def test_sigterm_unmounts_cleanly(small_image, node: Node) -> None:
     wait_for(lambda: not pid_alive(pid), "the daemon to exit")
     assert not mounted(mnt)
     assert os.listdir(mnt) == []
-    assert node.state(mnt, "trace.json") == ["/bin/tool"]
+    # The access trace: [path, chunk index] of each chunk read, in first-read order.
+    assert node.state(mnt, "trace.json") == [["/bin/tool", 0]]
 
 
 def test_umount_of_busy_mount_fails_and_keeps_it(small_image, node: Node) -> None:
