@@ -138,18 +138,27 @@ class ChunkCache:
 
     def put(self, digest: bytes, blob: str, uoffset: int, data: bytes) -> None:
         """Store verified chunk bytes; the row is committed only after the bytes are written."""
+        self.put_many(blob, [(digest, uoffset, data)])
+
+    def put_many(self, blob: str, chunks: list[tuple[bytes, int, bytes]]) -> None:
+        """Store verified (digest, uoffset, bytes) of one blob: all bytes first, then one commit."""
+        if not chunks:
+            return
         fd = self._fd(blob)
-        view = memoryview(data)
-        pos = uoffset
-        while view:
-            n = os.pwrite(fd, view, pos)
-            view, pos = view[n:], pos + n
+        for _, uoffset, data in chunks:
+            view = memoryview(data)
+            pos = uoffset
+            while view:
+                n = os.pwrite(fd, view, pos)
+                view, pos = view[n:], pos + n
+        now = time.time_ns()
         with self._lock:
-            self._verified[digest] = CacheEntry(blob, uoffset, len(data))
-            self._db.execute(
-                "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?)",
-                (digest, blob, uoffset, len(data), time.time_ns()),
-            )
+            for digest, uoffset, data in chunks:
+                self._verified[digest] = CacheEntry(blob, uoffset, len(data))
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?)",
+                                 [(d, blob, u, len(data), now) for d, u, data in chunks])
+            self._db.execute("COMMIT")
 
     def _touch(self, digest: bytes) -> None:
         # Access times are batched: one write per few seconds, not one per read.

@@ -191,14 +191,20 @@ class ChunkFetcher:
             self.stats.latencies.append(time.monotonic() - t0)
             if len(self.stats.latencies) > 10000:
                 del self.stats.latencies[:5000]
+        good: list[tuple[Chunk, bytes]] = []
         for c in run:
             stored = data[c.offset - start: c.offset - start + c.csize]
             try:
-                chunk = decode_chunk(stored, c, blob.compressor)
-                self.cache.put(c.digest, blob.digest, c.uoffset, chunk)
+                good.append((c, decode_chunk(stored, c, blob.compressor)))
             except Exception as e:
                 self._fail([c], e)
-                continue
+        try:
+            # One commit for the whole range: per-chunk commits cost more than the decoding.
+            self.cache.put_many(blob.digest, [(c.digest, c.uoffset, chunk) for c, chunk in good])
+        except Exception as e:
+            self._fail([c for c, _ in good], e)
+            return
+        for c, chunk in good:
             with self._lock:
                 self.stats.chunks_fetched += 1
                 fut = self._inflight.pop(c.digest, None)
