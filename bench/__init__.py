@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 # Benchmark modules, in the order they run.
-MODULES = ("convert", "bootstrap")
+MODULES = ("convert", "bootstrap", "coldstart")
 
 
 class BenchError(Exception):
@@ -61,6 +61,11 @@ class Context:
     cache: Path  # $NAIAD_BENCH_CACHE: inputs kept between runs (reference images, sizes)
     repo: Path  # the naiad checkout
     log: Callable[[str], None]
+    report: Path | None = None  # the report being written (None: --no-report); put plots beside it
+
+    def artifact(self, suffix: str) -> Path | None:
+        """A file beside the report, e.g. `artifact("coldstart.png")` → results/DATE-NAME-coldstart.png."""
+        return self.report.with_name(f"{self.report.stem}-{suffix}") if self.report else None
 
 
 BenchFn = Callable[[Context], list[Table]]

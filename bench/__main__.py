@@ -39,10 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     selected = [b for b in registry.values() if not args.only or b.name in args.only]
     cache = Path(os.environ.get("NAIAD_BENCH_CACHE") or Path.home() / ".cache" / "naiad-bench")
     cache.mkdir(parents=True, exist_ok=True)
-    ctx = Context(quick=args.quick, reps=args.reps or (1 if args.quick else 3), cache=cache, repo=REPO,
-                  log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
-
     started = datetime.datetime.now()
+    mode = "quick" if args.quick else "full"
+    name = args.name or (mode if not args.only else f"{mode}-{'-'.join(args.only)}")
+    out = None if args.no_report else BENCH_DIR / "results" / f"{started:%Y-%m-%d}-{name}.md"
+    if out:
+        out.parent.mkdir(exist_ok=True)
+    ctx = Context(quick=args.quick, reps=args.reps or (1 if args.quick else 3), cache=cache, repo=REPO,
+                  log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True), report=out)
+
     sections: list[str] = []
     failed: list[str] = []
     for bench in selected:
@@ -63,8 +68,6 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = Table("Machine", ["fact", "value"], [[k, v] for k, v in machine_facts(REPO)])
     cmdline = sys.argv[1:] if argv is None else argv
-    mode = "quick" if args.quick else "full"
-    name = args.name or (mode if not args.only else f"{mode}-{'-'.join(args.only)}")
     report = "\n\n".join([
         f"# naiad benchmarks, {started:%Y-%m-%d %H:%M} ({mode})",
         f"Command: `python -m bench{''.join(' ' + a for a in cmdline)}`",
@@ -72,9 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         *sections,
     ]) + "\n"
     print(machine.markdown())
-    if not args.no_report:
-        out = BENCH_DIR / "results" / f"{started:%Y-%m-%d}-{name}.md"
-        out.parent.mkdir(exist_ok=True)
+    if out:
         out.write_text(report)
         print(f"\nreport: {out.relative_to(REPO)}")
     if failed:

@@ -236,6 +236,9 @@ def machine_facts(repo: Path) -> list[tuple[str, str]]:
         import naiad
 
         naiad_version = getattr(naiad, "__version__", "?")
+        where = Path(naiad.__file__).resolve().parent
+        if not where.is_relative_to(repo.resolve()):  # e.g. PYTHONPATH=a snapshot of src/
+            commit += f"; **naiad imported from {where}, not from this checkout**"
     except ImportError:
         naiad_version = "not installed"
     return [

@@ -6,6 +6,9 @@
   point at an already built OCI layout instead.
 - `small`: one layer holding this Python's standard library, built with umoci
   in seconds; what `--quick` converts.
+- `quickapp`: `small` plus a second layer with this Python's interpreter and
+  the shared libraries it links (from `ldd`), whose entrypoint imports a few
+  modules and prints `ready`: a runnable image for `--quick` cold starts.
 
 `layer_sizes()` returns each layer's compressed and uncompressed (tar) size;
 the uncompressed size is found by decompressing the layer once and is cached
@@ -19,6 +22,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 import zlib
 from pathlib import Path
@@ -28,6 +32,8 @@ from bench.harness import blob_path, has_tag, manifest, require_tools
 
 TORCHAPP_TAG = "torchapp"
 SMALL_TAG = "small"
+QUICKAPP_TAG = "quickapp"
+QUICKAPP_CODE = "import argparse, decimal, email.message, http.client, json; print('ready', flush=True)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +114,66 @@ def small(ctx: Context) -> Image:
         shutil.rmtree(bundle, ignore_errors=True)
         shutil.rmtree(tmp_layout, ignore_errors=True)
     return Image(layout, SMALL_TAG)
+
+
+def quickapp(ctx: Context) -> Image:
+    """`small` plus this Python's interpreter and the shared libraries it and its extension modules link;
+    the entrypoint imports a few modules and prints `ready`."""
+    layout = ctx.cache / "quickapp" / "oci"
+    if has_tag(layout, QUICKAPP_TAG):
+        return Image(layout, QUICKAPP_TAG)
+    base = small(ctx)
+    require_tools("umoci", "ldd", why="building the quickapp image")
+    python = Path(sys.executable).resolve()
+    ctx.log(f"building the quickapp image ({python} on top of {base.tag}) into {layout}")
+    work = ctx.cache / "quickapp"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    tmp_layout, files = work / "oci.tmp", work / "files"
+    try:
+        shutil.copytree(base.layout, tmp_layout)
+        # The interpreter and what it and its extension modules (lib-dynload) link.
+        dynload = Path(sysconfig.get_paths()["stdlib"]).resolve() / "lib-dynload"
+        libs = {lib for so in [python, *dynload.glob("*.so")] for lib in _shared_libraries(so)}
+        for path in [python, *sorted(libs)]:
+            dest = files / path.relative_to("/")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dest)  # follows symlinks: the loader looks the names up
+        for d in ("dev", "proc", "sys", "tmp"):
+            (files / d).mkdir(exist_ok=True)
+        _umoci("insert", "--image", f"{tmp_layout}:{SMALL_TAG}", str(files), "/")
+        _umoci("config", "--image", f"{tmp_layout}:{SMALL_TAG}", "--tag", QUICKAPP_TAG,
+               "--config.entrypoint", str(python), "--config.entrypoint", "-c",
+               "--config.entrypoint", QUICKAPP_CODE, "--config.workingdir", "/",
+               "--config.env", "PATH=/usr/local/bin:/usr/bin:/bin", "--config.env", "PYTHONUNBUFFERED=1")
+        _umoci("rm", "--image", f"{tmp_layout}:{SMALL_TAG}")
+        _umoci("gc", "--layout", str(tmp_layout))
+        tmp_layout.rename(layout)
+    finally:
+        shutil.rmtree(files, ignore_errors=True)
+        shutil.rmtree(tmp_layout, ignore_errors=True)
+    return Image(layout, QUICKAPP_TAG)
+
+
+def _shared_libraries(binary: Path) -> list[Path]:
+    """The shared objects `binary` loads (its dynamic loader included), as `ldd` finds them."""
+    out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True).stdout
+    libs = []
+    for line in out.splitlines():
+        words = line.split()
+        target = words[words.index("=>") + 1] if "=>" in words[:-1] else ""
+        if target.startswith("/"):
+            libs.append(Path(target))
+        elif "=>" not in words and words and words[0].startswith("/"):  # the loader: /lib64/ld-... (0x...)
+            libs.append(Path(words[0]))
+    return libs
+
+
+def image_config(image: Image) -> dict:
+    """The `config` object of an image's config blob (Entrypoint, Cmd, Env, WorkingDir)."""
+    digest = manifest(image.layout, image.tag)["config"]["digest"]
+    doc = json.loads(blob_path(image.layout, digest).read_text())
+    return doc.get("config") or {}
 
 
 def _umoci(*args: str) -> None:

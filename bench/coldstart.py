@@ -1,0 +1,620 @@
+"""Cold start: time from the first command to the app's ready line, plain OCI beside naiad, in a network lab.
+
+A lab (`bench/netlab.py`) runs a real registry in a network namespace of its
+own, behind a veth whose egress is limited with tbf; the client commands run
+in a node namespace. The workload is pushed once as an OCI image (`skopeo
+copy`, `REPO:v1`) and as a naiad image (`naiad convert`, `REPO:v1-naiad`).
+Then, per network (unshaped, 100 Mbit/s, 1 Gbit/s; `--quick`: unshaped) and
+repetition, each method runs once, in an order rotated every repetition. Every
+run is cold: its content and caches are removed and the page cache dropped
+(`sync; echo 3 > /proc/sys/vm/drop_caches`) right before it.
+
+- `oci`: `skopeo copy docker://REG/REPO:v1 oci:DIR:x`, `umoci raw unpack`, then
+  the entrypoint chrooted into the rootfs; pull, unpack and run are timed
+  apart. (`raw unpack`: plain `umoci unpack` also writes an mtree manifest of
+  every file, hashing the whole rootfs again for a later repack; that is no
+  part of pulling an image and doubled the unpack time here.)
+- `naiad-lazy`: `naiad run --plain-http REG/REPO:v1-naiad` (a runc container
+  on an overlay of the lazy mount) when `naiad run` exists; else the mount path:
+- `naiad-mount`: `naiad mount --plain-http REF MNT` and the same chrooted run
+  as `oci` on an overlayfs (lower: the read-only lazy mount; upper: a temp
+  dir); with `naiad stats` of the mount. Measured beside `naiad run` too,
+  for its statistics and to show what the container runtime costs.
+- `naiad-optimized`: the same on the image `naiad optimize` wrote (prefetch
+  list from a recorded run); skipped with a note while that command is absent.
+- `floor`: the app on an already unpacked rootfs, warm (page cache hot after
+  one untimed run) and cold (after dropping the page cache).
+
+A chrooted run is `unshare --mount --propagation private` + a shell that
+mounts the overlay (naiad) and rbinds /dev, /proc and /sys into the root, then
+`unshare --root=ROOT --wd=WORKDIR` (chroot + chdir) execs the image's
+entrypoint with the image's environment: every mount dies with that private
+mount namespace, whatever happens. Registry bytes are the registry veth's
+`tx_bytes` (headers included) from the first command to the ready line; naiad's
+own `bytes_fetched` etc. come from `naiad stats --json` a moment later.
+
+The full run uses torchapp (entrypoint `/opt/venv/bin/python /app/main.py`);
+`--quick` the quickapp image (the standard library plus this Python's
+interpreter; it imports a few modules and prints `ready`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import resource
+import select
+import shlex
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from bench import BenchError, Context, Table, benchmark
+from bench.harness import (
+    machine_busy_seconds,
+    mb,
+    median,
+    naiad_argv,
+    pass_fail,
+    require_tools,
+    run_measured,
+    scratch,
+    spread,
+)
+from bench.images import Image, image_config, layer_sizes, quickapp, torchapp
+from bench.netlab import Lab, lab, process_cpu, rate_name
+
+READY_TIMEOUT = 900.0  # seconds from a method's start to its ready line
+AFTER_READY_TIMEOUT = 60.0  # how long the app may keep running after its ready line
+STATS_SETTLE = 1.2  # naiad mount daemons refresh stats.json every second
+
+METHODS = ("oci", "naiad-lazy", "naiad-mount", "naiad-optimized", "floor-warm", "floor-cold")
+RUN_LABEL = "`naiad run`"
+MOUNT_LABEL = "`naiad mount` + chroot on overlayfs"
+LABELS = {
+    "oci": "oci: skopeo copy + umoci raw unpack + chroot run",
+    "naiad-lazy": "naiad-lazy: {how}",
+    "naiad-mount": f"naiad-mount: {MOUNT_LABEL} (no runc; for its stats)",
+    "naiad-optimized": "naiad-optimized: {how} of the optimized image",
+    "floor-warm": "floor-warm: chroot run on the unpacked rootfs",
+    "floor-cold": "floor-cold: the same after drop_caches",
+}
+NETWORKS_FULL: tuple[int | None, ...] = (None, 100 * 10**6, 10**9)
+NETWORKS_QUICK: tuple[int | None, ...] = (None,)
+# Issue 3's targets for naiad lazy on torchapp.
+TARGET_SECONDS = {None: 2.5, 100 * 10**6: 8.0}
+TARGET_BYTES_SHARE = 0.25
+TARGET_SPEEDUP = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """An image and how to run it: entrypoint, environment and working dir from its config."""
+
+    name: str
+    image: Image
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    ready: str = "ready"
+
+
+@dataclasses.dataclass
+class Sample:
+    """One cold start of one method."""
+
+    method: str
+    network: int | None
+    ready: float  # seconds from the first command to the ready line
+    parts: dict[str, float] = dataclasses.field(default_factory=dict)  # e.g. pull/unpack/run
+    registry_bytes: int | None = None  # sent by the registry until the ready line
+    settled_bytes: int | None = None  # ... until the stats were read (a moment later)
+    stats: dict | None = None  # `naiad stats --json` of the mount
+    daemon_cpu: float | None = None  # CPU seconds of the mount daemon until the ready line
+    background: float | None = None  # cores busy with work not ours meanwhile (None: unknown)
+
+
+class CpuMeter:
+    """Busy CPU of the whole machine beside our own (this process, reaped children, the lab registry).
+
+    What is left is other work on the machine: `background()` gives it as average cores busy
+    since the meter started. Work we cannot see (a daemon not reaped by us) is passed as `extra`;
+    kernel threads (writeback, softirq) count as other work, so the figure is approximate.
+    """
+
+    def __init__(self, the_lab: Lab):
+        self.lab = the_lab
+        self.t0 = time.perf_counter()
+        self.busy0 = machine_busy_seconds()
+        self.own0 = self._own()
+
+    def _own(self) -> float:
+        c, me = resource.getrusage(resource.RUSAGE_CHILDREN), resource.getrusage(resource.RUSAGE_SELF)
+        return c.ru_utime + c.ru_stime + me.ru_utime + me.ru_stime + self.lab.registry_cpu()
+
+    def background(self, extra: float = 0.0) -> float:
+        wall = time.perf_counter() - self.t0
+        other = machine_busy_seconds() - self.busy0 - (self._own() - self.own0) - extra
+        return max(0.0, other) / wall if wall > 0 else 0.0
+
+
+@dataclasses.dataclass
+class Setup:
+    """What was pushed to the lab, and which naiad paths exist."""
+
+    oci_ref: str
+    naiad_ref: str
+    optimized_ref: str | None  # None: not measured, `optimized_status` says why
+    optimized_status: str
+    oci_bytes: int  # compressed layers of the OCI image
+    naiad_bytes: int  # data blobs + bootstrap of the naiad image
+    uncompressed: int
+    use_run: bool  # `naiad run` exists (else: naiad mount + chroot on overlayfs)
+    notes: list[str]
+
+
+@benchmark("coldstart", "Cold start to the ready line: plain OCI vs naiad lazy, on a shaped network")
+def run(ctx: Context) -> list[Table]:
+    require_tools("skopeo", "umoci", "unshare", "mount", "fusermount3", why="the coldstart benchmark")
+    if os.geteuid() != 0:
+        raise BenchError("the coldstart benchmark needs root (network namespaces, mounts, drop_caches)")
+    wl = workload(ctx)
+    networks = NETWORKS_QUICK if ctx.quick else NETWORKS_FULL
+    samples: list[Sample] = []
+    with scratch("coldstart") as tmp:
+        try:
+            with lab(log=ctx.log) as the_lab:
+                setup = push_images(ctx, the_lab, wl, tmp)
+                floor_root = tmp / "floor"
+                unpack(f"{wl.image.layout}:{wl.image.tag}", floor_root)
+                methods: dict[str, Callable[[Path], list[Sample]]] = {
+                    "oci": lambda w: [measure_oci(the_lab, wl, setup, w)],
+                    "naiad-lazy": lambda w: [measure_naiad(the_lab, wl, setup.naiad_ref, setup.use_run, w,
+                                                           "naiad-lazy")],
+                    "floor": lambda w: measure_floor(the_lab, wl, floor_root),
+                }
+                if setup.use_run:  # the mount path too: it has stats, and shows what runc costs
+                    methods["naiad-mount"] = lambda w: [measure_naiad(the_lab, wl, setup.naiad_ref, False, w,
+                                                                      "naiad-mount")]
+                if setup.optimized_ref:
+                    opt = setup.optimized_ref
+                    methods["naiad-optimized"] = lambda w: [measure_naiad(the_lab, wl, opt, setup.use_run, w,
+                                                                          "naiad-optimized")]
+                for rate in networks:
+                    the_lab.shape(rate)
+                    for rep in range(ctx.reps):
+                        names = list(methods)
+                        k = rep % len(names)
+                        for name in names[k:] + names[:k]:  # rotate the order every repetition
+                            work = tmp / "run"
+                            work.mkdir()
+                            try:
+                                results = methods[name](work)
+                            finally:
+                                cleanup_mounts(work)
+                                shutil.rmtree(work, ignore_errors=True)
+                            for s in results:
+                                s.network = rate
+                                samples.append(s)
+                                ctx.log(f"  {rate_name(rate)}, rep {rep + 1}/{ctx.reps}: {s.method} "
+                                        f"{s.ready:.2f} s" + (f", registry {mb(s.registry_bytes)} MB"
+                                                              if s.registry_bytes is not None else ""))
+        finally:
+            cleanup_mounts(tmp)
+    return report(ctx, wl, setup, networks, samples)
+
+
+# --- setup -------------------------------------------------------------------
+
+
+def workload(ctx: Context) -> Workload:
+    image = quickapp(ctx) if ctx.quick else torchapp(ctx)
+    config = image_config(image)
+    argv = list(config.get("Entrypoint") or []) + list(config.get("Cmd") or [])
+    if not argv:
+        raise BenchError(f"{image.ref} has neither Entrypoint nor Cmd")
+    env = dict(e.split("=", 1) for e in config.get("Env") or [] if "=" in e)
+    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    return Workload(image.tag, image, argv, env, config.get("WorkingDir") or "/")
+
+
+def push_images(ctx: Context, the_lab: Lab, wl: Workload, tmp: Path) -> Setup:
+    """Push the OCI image and its naiad conversion into the lab's registry (unshaped, from the node)."""
+    notes: list[str] = []
+    reg = the_lab.registry
+    oci_ref, naiad_ref = f"{reg}/{wl.name}:v1", f"{reg}/{wl.name}:v1-naiad"
+    home = tmp / "setup-home"
+    env = {**os.environ, "NAIAD_HOME": str(home)}
+    t0 = time.perf_counter()
+    run_measured(the_lab.node_argv(["skopeo", "--insecure-policy", "copy", "--quiet",
+                                    "--dest-tls-verify=false", wl.image.ref, f"docker://{oci_ref}"]))
+    t1 = time.perf_counter()
+    run_measured(the_lab.node_argv(naiad_argv("convert", "--plain-http", "--json", wl.image.ref, naiad_ref)),
+                 env=env)
+    t2 = time.perf_counter()
+    inspect = run_measured(the_lab.node_argv(naiad_argv("inspect", "--plain-http", "--json", naiad_ref)),
+                           env=env).json()
+    ctx.log(f"coldstart: pushed {oci_ref} ({t1 - t0:.1f} s) and converted to {naiad_ref} ({t2 - t1:.1f} s)")
+    layers = layer_sizes(ctx, wl.image)
+    oci_bytes = sum(layer.compressed for layer in layers)
+    naiad_bytes = inspect["stored_bytes"] + inspect["bootstrap"]["size"]
+
+    use_run = has_command("run")
+    notes.append("naiad-lazy ran as `naiad run --plain-http REF` (the image's entrypoint in a runc "
+                 "container); naiad-mount is the mount path beside it." if use_run else
+                 "naiad-lazy ran as `naiad mount --plain-http REF MNT` + the chrooted run on an overlayfs "
+                 "over MNT (`naiad run` does not exist yet in this checkout).")
+    optimized_ref, optimized_status = None, "skipped: not built yet"
+    if has_command("optimize"):
+        target = f"{reg}/{wl.name}:v1-naiad-opt"
+        t3 = time.perf_counter()
+        try:
+            run_measured(the_lab.node_argv(naiad_argv("optimize", "--plain-http", naiad_ref, target, "--",
+                                                      *wl.argv)), env=env)
+        except BenchError as e:
+            optimized_status = "skipped: `naiad optimize` failed"
+            notes.append(f"naiad-optimized: skipped, `naiad optimize` failed: {' '.join(str(e).split())}")
+            ctx.log(f"coldstart: naiad optimize failed: {e}")
+        else:
+            optimized_ref = target
+            notes.append(f"naiad-optimized: `naiad optimize --plain-http {naiad_ref} {target} -- ENTRYPOINT` "
+                         f"({time.perf_counter() - t3:.1f} s, untimed setup), then measured like naiad-lazy.")
+            ctx.log(f"coldstart: optimized into {target} ({time.perf_counter() - t3:.1f} s)")
+    else:
+        notes.append("naiad-optimized: skipped, not built yet (`naiad optimize --help` fails in this "
+                     "checkout).")
+    cleanup_mounts(home)
+    shutil.rmtree(home, ignore_errors=True)
+    return Setup(oci_ref, naiad_ref, optimized_ref, optimized_status, oci_bytes, naiad_bytes,
+                 sum(layer.uncompressed for layer in layers), use_run, notes)
+
+
+def has_command(name: str) -> bool:
+    return run_measured(naiad_argv(name, "--help"), check=False).returncode == 0
+
+
+# --- methods -----------------------------------------------------------------
+
+
+def measure_oci(the_lab: Lab, wl: Workload, setup: Setup, work: Path) -> Sample:
+    layout, rootfs = work / "oci", work / "rootfs"
+    drop_caches()
+    meter = CpuMeter(the_lab)
+    tx0 = the_lab.registry_tx_bytes()
+    pull = run_measured(the_lab.node_argv(["skopeo", "--insecure-policy", "copy", "--quiet",
+                                           "--src-tls-verify=false", f"docker://{setup.oci_ref}",
+                                           f"oci:{layout}:x"]))
+    tx1 = the_lab.registry_tx_bytes()
+    unpacked = unpack(f"{layout}:x", rootfs)
+    start = time.perf_counter()
+    t_ready = until_ready(chroot_argv(rootfs, wl), wl.env, wl.ready)
+    runtime = t_ready - start
+    return Sample("oci", None, pull.wall + unpacked + runtime,
+                  {"pull": pull.wall, "unpack": unpacked, "run": runtime}, tx1 - tx0, tx1 - tx0,
+                  background=meter.background())
+
+
+def measure_naiad(the_lab: Lab, wl: Workload, ref: str, use_run: bool, work: Path, method: str) -> Sample:
+    home = work / "home"
+    home.mkdir()
+    env = {**os.environ, "NAIAD_HOME": str(home)}
+    drop_caches()
+    tx0 = the_lab.registry_tx_bytes()
+    if use_run:
+        start = time.perf_counter()
+        t_ready = until_ready(the_lab.node_argv(naiad_argv("run", "--plain-http", ref)), env, wl.ready)
+        tx1 = the_lab.registry_tx_bytes()
+        return Sample(method, None, t_ready - start, {}, tx1 - tx0, tx1 - tx0)
+
+    mnt, upper, wdir, root = work / "mnt", work / "upper", work / "ovl-work", work / "root"
+    for d in (mnt, upper, wdir, root):
+        d.mkdir()
+    try:
+        meter = CpuMeter(the_lab)
+        start = time.perf_counter()
+        mount = run_measured(the_lab.node_argv(naiad_argv("mount", "--plain-http", ref, str(mnt))), env=env)
+        pid = daemon_pid(home)
+        t_ready = until_ready(chroot_argv(root, wl, overlay=(mnt, upper, wdir)), wl.env, wl.ready)
+        daemon_cpu = process_cpu(pid)
+        background = meter.background(extra=daemon_cpu)
+        tx1 = the_lab.registry_tx_bytes()
+        time.sleep(STATS_SETTLE)
+        stats = run_measured(naiad_argv("stats", "--json", str(mnt)), env=env).json()
+        tx2 = the_lab.registry_tx_bytes()
+    finally:
+        naiad_umount(mnt, env)
+    return Sample(method, None, t_ready - start, {"mount": mount.wall, "run": t_ready - start - mount.wall},
+                  tx1 - tx0, tx2 - tx0, stats, daemon_cpu, background)
+
+
+def measure_floor(the_lab: Lab, wl: Workload, rootfs: Path) -> list[Sample]:
+    argv = chroot_argv(rootfs, wl)
+    until_ready(argv, wl.env, wl.ready)  # untimed: warm the page cache
+    samples = []
+    for method in ("floor-warm", "floor-cold"):
+        if method == "floor-cold":
+            drop_caches()
+        meter = CpuMeter(the_lab)
+        start = time.perf_counter()
+        ready = until_ready(argv, wl.env, wl.ready) - start
+        samples.append(Sample(method, None, ready, background=meter.background()))
+    return samples
+
+
+def daemon_pid(home: Path) -> int:
+    """The pid of the (only) mount daemon under NAIAD_HOME=`home`, from its state.json."""
+    states = list((home / "mounts").glob("*/state.json"))
+    if len(states) != 1:
+        raise BenchError(f"expected one mount daemon state under {home}/mounts, found {len(states)}")
+    return int(json.loads(states[0].read_text())["pid"])
+
+
+# --- processes, mounts, caches ----------------------------------------------
+
+
+def chroot_argv(root: Path, wl: Workload, overlay: tuple[Path, Path, Path] | None = None) -> list[str]:
+    """Run `wl` chrooted into `root` in a private mount namespace with /dev, /proc and /sys bound in.
+
+    With `overlay` (lower, upper, work), an overlayfs of them is mounted on `root` first. All
+    these mounts belong to the private namespace and vanish with the app's process.
+    """
+    mount, mkdir, unshare = (shutil.which(t) or t for t in ("mount", "mkdir", "unshare"))
+    q = shlex.quote
+    lines = []
+    if overlay:
+        lower, upper, work = overlay
+        options = f"lowerdir={lower},upperdir={upper},workdir={work}"
+        lines.append(f"{mount} -t overlay overlay -o {q(options)} {q(str(root))}")
+    for d in ("dev", "proc", "sys"):
+        target = q(str(root / d))
+        lines.append(f"{mkdir} -p {target} && {mount} --rbind /{d} {target}")
+    lines.append(f"exec {unshare} --root={q(str(root))} --wd={q(wl.cwd)} -- {shlex.join(wl.argv)}")
+    return [unshare, "--mount", "--propagation", "private", "--", "/bin/sh", "-ec", "\n".join(lines)]
+
+
+def until_ready(argv: Sequence[str], env: dict[str, str], ready: str,
+                timeout: float = READY_TIMEOUT) -> float:
+    """Run `argv`; return the `time.perf_counter()` at which it printed a line starting with `ready`.
+
+    The process may go on for up to AFTER_READY_TIMEOUT after that; it must end with status 0.
+    """
+    proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=env)
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    lines: list[str] = []
+    buf = b""
+    t_ready: float | None = None
+    deadline = time.perf_counter() + timeout
+    try:
+        while True:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                if t_ready is not None:
+                    break  # ready, and still running: good enough
+                raise BenchError(f"no {ready!r} line within {timeout:.0f} s from `{shlex.join(argv)}`:\n"
+                                 + "\n".join(lines[-15:]))
+            if not select.select([fd], [], [], remaining)[0]:
+                continue
+            data = os.read(fd, 1 << 16)
+            now = time.perf_counter()
+            if not data:
+                break
+            buf += data
+            while b"\n" in buf:
+                raw, buf = buf.split(b"\n", 1)
+                lines.append(raw.decode(errors="replace"))
+                if t_ready is None and raw.startswith(ready.encode()):
+                    t_ready = now
+                    deadline = min(deadline, now + AFTER_READY_TIMEOUT)
+        if t_ready is None:
+            rc = proc.wait()
+            raise BenchError(f"`{shlex.join(argv)}` exited with {rc} before printing {ready!r}:\n"
+                             + "\n".join(lines[-15:]))
+        rc = proc.wait(timeout=AFTER_READY_TIMEOUT)
+        if rc != 0:
+            raise BenchError(f"`{shlex.join(argv)}` printed {ready!r} but exited with {rc}:\n"
+                             + "\n".join(lines[-15:]))
+        return t_ready
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        proc.stdout.close()
+
+
+def unpack(image: str, rootfs: Path) -> float:
+    """`umoci raw unpack` IMAGE (layout:tag) into ROOTFS; returns the wall time."""
+    return run_measured(["umoci", "raw", "unpack", "--image", image, str(rootfs)]).wall
+
+
+def drop_caches() -> None:
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as e:
+        raise BenchError(f"cannot drop the page cache ({e}); the coldstart benchmark needs root") from None
+
+
+def naiad_umount(mnt: Path, env: dict[str, str]) -> None:
+    """Unmount a naiad mount and end its daemon; detach the mount if that fails."""
+    if not os.path.ismount(mnt):
+        return
+    r = run_measured(naiad_argv("umount", str(mnt)), env=env, check=False)
+    if r.returncode != 0 or os.path.ismount(mnt):
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def cleanup_mounts(under: Path) -> None:
+    """Detach anything still mounted below `under` (deepest first); a safety net before removing it."""
+    prefix = str(under.resolve()) + "/"
+    with contextlib.suppress(OSError), open("/proc/self/mounts") as f:
+        points = [line.split()[1].encode().decode("unicode_escape") for line in f]
+    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True)
+
+
+# --- report --------------------------------------------------------------------
+
+
+def report(ctx: Context, wl: Workload, setup: Setup, networks: Sequence[int | None],
+           samples: list[Sample]) -> list[Table]:
+    tables = []
+    present = [m for m in METHODS if any(s.method == m for s in samples)]
+    for rate in networks:
+        by = {m: [s for s in samples if s.method == m and s.network == rate] for m in present}
+        oci_median = median([s.ready for s in by["oci"]])
+        rows = []
+        for m in present:
+            runs = by[m]
+            label = LABELS[m].format(how=RUN_LABEL if setup.use_run else MOUNT_LABEL)
+            parts = " + ".join(f"{k} {spread([s.parts[k] for s in runs])}" for k in runs[0].parts)
+            sent = [s.registry_bytes for s in runs if s.registry_bytes is not None]
+            rows.append([
+                label, spread([s.ready for s in runs]), parts or "–",
+                f"{oci_median / median([s.ready for s in runs]):.2f}×",
+                spread([b / 1e6 for b in sent], "{:.1f}") if sent else "–",
+                f"{100 * median(sent) / setup.oci_bytes:.1f}%" if sent else "–",
+                f"{100 * median(sent) / setup.naiad_bytes:.1f}%" if sent else "–",
+            ])
+        if setup.optimized_ref is None:
+            rows.append(["naiad-optimized", setup.optimized_status, "–", "–", "–", "–", "–"])
+        tables.append(Table(
+            f"{wl.name}, registry egress {rate_name(rate)}: time to the ready line, s, median (min–max) of "
+            f"{ctx.reps}",
+            ["method", "time to ready s", "parts s", "speedup vs oci", "registry MB by ready",
+             "% of OCI image", "% of naiad image"],
+            rows,
+            [background_note([s for s in samples if s.network == rate])],
+        ))
+
+    notes = [
+        f"Images: OCI {mb(setup.oci_bytes)} MB compressed ({mb(setup.uncompressed)} MB uncompressed); "
+        f"naiad {mb(setup.naiad_bytes)} MB (data blobs + bootstrap). Registry MB: the registry veth's "
+        "tx_bytes from the first command to the ready line (HTTP and TCP/IP headers included). "
+        "Floor rows do not touch the network.",
+        *setup.notes,
+        "Every run: content and caches removed, then `sync; echo 3 > /proc/sys/vm/drop_caches`; "
+        "the order of methods rotates every repetition.",
+    ]
+    tables[-1].notes.extend(notes)
+
+    naiad_runs = [s for s in samples if s.stats]
+    if naiad_runs:
+        rows = []
+        for rate in networks:
+            for m in ("naiad-lazy", "naiad-mount", "naiad-optimized"):
+                runs = [s for s in naiad_runs if s.method == m and s.network == rate]
+                if not runs:
+                    continue
+                st = [s.stats for s in runs]
+                rows.append([
+                    rate_name(rate), m,
+                    spread([s.parts["mount"] for s in runs]),
+                    spread([x["bytes_fetched"] / 1e6 for x in st], "{:.1f}"),
+                    spread([x["requests"] for x in st], "{:.0f}"),
+                    spread([x["chunks_fetched"] for x in st], "{:.0f}"),
+                    spread([x["bytes_served"] / 1e6 for x in st], "{:.1f}"),
+                    spread([x["files_read"] for x in st], "{:.0f}"),
+                    spread([float(x["read_amplification"]) for x in st]),
+                    spread([float(x["fetch_ms_p50"]) for x in st], "{:.0f}"),
+                    spread([float(x["fetch_ms_p99"]) for x in st], "{:.0f}"),
+                    spread([s.settled_bytes / 1e6 for s in runs if s.settled_bytes is not None], "{:.1f}"),
+                    spread([s.daemon_cpu or 0.0 for s in runs]),
+                ])
+        tables.append(Table(
+            f"naiad mount statistics (`naiad stats --json` {STATS_SETTLE} s after the ready line), "
+            "median (min–max)",
+            ["network", "method", "mount s", "fetched MB", "requests", "chunks fetched", "served MB",
+             "files read", "read amplification", "fetch p50 ms", "fetch p99 ms", "registry MB, settled",
+             "daemon CPU s by ready"],
+            rows,
+            ["served: file bytes the FUSE mount returned to readers; fetched: compressed chunk bytes it "
+             "got from the registry; daemon CPU: user+sys seconds of the mount daemon (all threads) from "
+             "its start to the ready line."],
+        ))
+
+    if not ctx.quick:
+        tables.append(targets(setup, networks, samples))
+
+    plot_path = ctx.artifact("coldstart.png")
+    if plot_path is not None:
+        try:
+            plot(plot_path, wl, networks, samples, present)
+            tables[-1].notes.append(f"![time to ready per method and network]({plot_path.name})")
+        except ImportError:
+            tables[-1].notes.append("(no plot: matplotlib is not installed: pip install -e '.[bench]')")
+    return tables
+
+
+def background_note(samples: Sequence[Sample]) -> str:
+    loads = [s.background for s in samples if s.background is not None]
+    if not loads:
+        return ""
+    text = ("Background load during the timed runs (machine busy CPU − this benchmark's own, approx.; "
+            f"not known for `naiad run`): {spread(loads)} cores")
+    if max(loads) > 0.25:
+        text += " — **the machine was not quiet; timings are inflated**"
+    return text + "."
+
+
+def targets(setup: Setup, networks: Sequence[int | None], samples: list[Sample]) -> Table:
+    """Issue 3's targets for naiad lazy on torchapp."""
+    rows = []
+    for rate in networks:
+        lazy = [s for s in samples if s.method == "naiad-lazy" and s.network == rate]
+        oci = [s for s in samples if s.method == "oci" and s.network == rate]
+        if not lazy or not oci:
+            continue
+        t = median([s.ready for s in lazy])
+        if rate in TARGET_SECONDS:
+            goal = TARGET_SECONDS[rate]
+            rows.append([rate_name(rate), "time to ready", f"≤ {goal:g} s", f"{t:.2f} s",
+                         pass_fail(t <= goal)])
+        speedup = median([s.ready for s in oci]) / t
+        rows.append([rate_name(rate), "speedup vs oci", f"≥ {TARGET_SPEEDUP:g}×", f"{speedup:.2f}×",
+                     pass_fail(speedup >= TARGET_SPEEDUP)])
+        share = median([s.registry_bytes or 0 for s in lazy]) / setup.oci_bytes
+        rows.append([rate_name(rate), "registry bytes by ready / OCI image", f"≤ {TARGET_BYTES_SHARE:.0%}",
+                     f"{share:.1%}", pass_fail(share <= TARGET_BYTES_SHARE)])
+    return Table("naiad lazy against the targets of issue 3", ["network", "what", "target", "measured", ""],
+                 rows)
+
+
+def plot(path: Path, wl: Workload, networks: Sequence[int | None], samples: list[Sample],
+         methods: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        meds, lo, hi = [], [], []
+        for rate in networks:
+            vals = [s.ready for s in samples if s.method == m and s.network == rate] or [float("nan")]
+            med = median(vals)
+            meds.append(med)
+            lo.append(med - min(vals))
+            hi.append(max(vals) - med)
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(networks))]
+        bars = ax.bar(xs, meds, width, yerr=[lo, hi], capsize=3, label=m)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+    ax.set_xticks(range(len(networks)), [rate_name(r) for r in networks])
+    ax.set_ylabel("time to ready line, s (median, min–max)")
+    ax.set_title(f"Cold start of {wl.name}: registry egress vs method")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
