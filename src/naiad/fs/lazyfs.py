@@ -80,7 +80,12 @@ class LazyFS(pyfuse3.Operations):
             return self._entry(self._attr(parent_inode))
         ino = self.bs.lookup(parent_inode, name)
         if ino is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            # Inode 0 is a negative entry the kernel may keep: the image never changes, so
+            # a name that is absent now (a path an import probes, say) stays absent.
+            negative = pyfuse3.EntryAttributes()
+            negative.st_ino = 0
+            negative.entry_timeout = CACHE_TIMEOUT
+            return negative
         return self._entry(self._attr(ino))
 
     async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
