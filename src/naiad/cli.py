@@ -91,8 +91,20 @@ def _build_options(args: argparse.Namespace):
     if args.prefetch_list:
         with open(args.prefetch_list, encoding="utf-8") as f:
             prefetch = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    chunk_dict = [r.strip() for r in ",".join(args.chunk_dict or []).split(",") if r.strip()]
     return BuildOptions(chunk_size=_size(args.chunk_size), compressor=args.compressor,
-                        platform=Platform.parse(args.platform), prefetch=prefetch)
+                        platform=Platform.parse(args.platform), prefetch=prefetch, chunk_dict=chunk_dict,
+                        min_blob_use=args.min_blob_use)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid fraction {text!r} (e.g. 0.1)") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text}: a fraction from 0 to 1")
+    return value
 
 
 def _size(text: str) -> int:
@@ -107,16 +119,31 @@ def _size(text: str) -> int:
 
 
 def _report_build(args: argparse.Namespace, target: str, result: Any) -> None:
-    stored = sum(d.size for d in result.blobs)
+    new = result.new_blobs
+    stored = sum(d.size for d in new)
+    reused = sum(d.size for d in result.dict_blobs)
     obj = {
         "target": target, "manifest_digest": result.manifest_digest, "files": result.files,
         "bytes_in": result.bytes_in, "blobs": [d.to_json() for d in result.blobs],
         "bootstrap": result.bootstrap.to_json(), "stored_bytes": stored,
+        "dict_blobs": [d.to_json() for d in result.dict_blobs], "dict_bytes": reused,
+        "push": result.push.to_json() if result.push else None,
     }
-    _emit(args, obj, f"{target}@{result.manifest_digest}\n"
-          f"  {result.files} files, {len(result.blobs)} blobs, {_human(stored)} stored "
-          f"(from {_human(result.bytes_in)} of unique chunk data), bootstrap "
-          f"{_human(result.bootstrap.size)}")
+    text = (f"{target}@{result.manifest_digest}\n"
+            f"  {result.files} files, {len(new)} new blobs, {_human(stored)} stored "
+            f"(from {_human(result.bytes_in)} of unique chunk data), bootstrap "
+            f"{_human(result.bootstrap.size)}")
+    if result.dict_blobs:
+        text += f"\n  {len(result.dict_blobs)} dictionary blobs referenced ({_human(reused)})"
+    if result.push:
+        text += "\n  " + _push_summary(result.push)
+    _emit(args, obj, text)
+
+
+def _push_summary(r: Any) -> str:
+    mounted = f", {r.blobs_mounted} mounted ({_human(r.bytes_mounted)})" if r.blobs_mounted else ""
+    return (f"uploaded {_human(r.bytes_sent)} of {_human(r.bytes_total)} ({r.blobs_sent} of "
+            f"{r.blobs_total} blobs{mounted})")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -190,7 +217,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"prefetch list  {stats['prefetch_files']} files",
         "blobs:",
     ]
-    lines += [f"  {b['digest']}  {_human(b['size']):>10}  {b['chunks']:>7} chunks  {b['compressor']}"
+    lines += [f"  {b['digest']}  {_human(b['size']):>10}  {b['chunks']:>7} chunks  "
+              f"{_human(b['used_bytes']):>10} used  {b['compressor']}"
               for b in stats["blobs"]]
     _emit(args, obj, "\n".join(lines))
     return 0
@@ -266,11 +294,21 @@ def cmd_copy(args: argparse.Namespace) -> int:
             if rollback:
                 rollback()
             raise
-    obj = {"target": str(target), "manifest_digest": result.manifest_digest,
-           "bytes_total": result.bytes_total, "bytes_sent": result.bytes_sent,
-           "blobs_total": result.blobs_total, "blobs_sent": result.blobs_sent}
-    _emit(args, obj, f"{target}@{result.manifest_digest}: sent {result.blobs_sent} of "
-          f"{result.blobs_total} blobs, {_human(result.bytes_sent)} of {_human(result.bytes_total)}")
+    obj = {"target": str(target), **result.to_json()}
+    _emit(args, obj, f"{target}@{result.manifest_digest}: {_push_summary(result)}")
+    return 0
+
+
+def cmd_chunkdict(args: argparse.Namespace) -> int:
+    from naiad.builder.chunkdict import build_dict
+    from naiad.oci.image import Platform
+
+    cd = build_dict(args.refs, args.output, _registry_options(args), Platform.parse(args.platform))
+    size = sum(c.usize for c in cd.chunks.values())
+    obj = {"output": args.output, "sources": [s.ref for s in cd.sources], "chunks": len(cd.chunks),
+           "blobs": len(cd.blobs), "chunk_bytes": size}
+    _emit(args, obj, f"{args.output}: {len(cd.chunks)} chunks ({_human(size)}) in {len(cd.blobs)} blobs "
+          f"of {len(cd.sources)} images")
     return 0
 
 
@@ -456,6 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-chunk compression (default: zstd)")
     f.add_argument("--prefetch-list", metavar="FILE",
                    help="file with one path per line, to be fetched first after mount")
+    f.add_argument("--chunk-dict", action="append", metavar="REF[,REF...]",
+                   help="naiad images or `naiad chunkdict build` files whose chunks are referenced, not "
+                   "stored again; the image then lists the blobs it uses from them (repeatable)")
+    f.add_argument("--min-blob-use", type=_fraction, default=0.1, metavar="FRACTION",
+                   help="reference a dictionary blob only if the image uses at least this fraction of its "
+                   "bytes; otherwise copy the chunks it uses into the new blob (default: 0.1)")
 
     p = sub.add_parser("convert", parents=[fmt, reg, out], help="convert an OCI/Docker image to naiad",
                        description="Convert an OCI or Docker image to a naiad image. " + refs +
@@ -471,6 +515,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="IMAGE_CONFIG.json",
                    help="OCI image config (entrypoint, env...) to give the image")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("chunkdict", parents=[reg, out], help="make a chunk dictionary file",
+                       description="build: write DICT, the chunk table of the naiad images REF... (or "
+                       "other dictionary files), for `--chunk-dict DICT`: a team's base images in one "
+                       "file, without opening each image at every build.")
+    p.add_argument("action", choices=("build",))
+    p.add_argument("refs", nargs="+", metavar="REF", help="naiad image reference or dictionary file")
+    p.add_argument("-o", "--output", required=True, metavar="DICT", help="dictionary file to write")
+    p.set_defaults(func=cmd_chunkdict)
 
     p = sub.add_parser("inspect", parents=[reg, out], help="show what a naiad image holds",
                        description="Show files, chunks, dedup, blobs and bootstrap of a naiad image.")

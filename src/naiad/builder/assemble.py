@@ -23,12 +23,14 @@ from typing import Any
 
 import zstandard
 
+from naiad.builder.chunkdict import ChunkDict
 from naiad.builder.chunks import ChunkStore
 from naiad.builder.tree import Node, Tree
 from naiad.errors import InvalidLayerError
 from naiad.format import spec
 from naiad.format.bootstrap import ROOT_INO, UNCOMPRESSED_ALIGN, BootstrapWriter
 from naiad.oci import mediatypes as mt
+from naiad.oci.copy import CopyResult, copy_blob
 from naiad.oci.image import Descriptor
 from naiad.oci.layout import OCILayout
 
@@ -43,6 +45,13 @@ class BuildResult:
     bootstrap: Descriptor
     files: int
     bytes_in: int
+    dict_blobs: list[Descriptor] = dataclasses.field(default_factory=list)  # referenced, not written
+    push: CopyResult | None = None  # for a registry target: what the push sent
+
+    @property
+    def new_blobs(self) -> list[Descriptor]:
+        dict_digests = {d.digest for d in self.dict_blobs}
+        return [d for d in self.blobs if d.digest not in dict_digests]
 
 
 def assemble(
@@ -56,8 +65,16 @@ def assemble(
     annotations: dict[str, str] | None = None,
     prefetch: Sequence[bytes] = (),
     progress: Callable[[int], None] | None = None,
+    chunk_dict: ChunkDict | None = None,
+    min_blob_use: float = 0.1,
+    copy_dict_blobs: bool = False,
 ) -> BuildResult:
-    """Write blobs, bootstrap, config and manifest into `layout`; the manifest last."""
+    """Write blobs, bootstrap, config and manifest into `layout`; the manifest last.
+
+    Chunks missing from `store` are `chunk_dict` chunks; `copy_dict_blobs`
+    copies the dictionary blobs used into `layout` (a layout target must hold
+    every blob; a staging layout for a registry leaves them to the push).
+    """
     staging = layout.staging_dir()
     inos: dict[int, int] = {id(tree.root): ROOT_INO}
     nlinks: dict[int, int] = {}
@@ -69,20 +86,28 @@ def assemble(
             inos[key] = len(inos) + 1
         nlinks[key] = nlinks.get(key, 0) + 1
 
+    blob_descs: list[Descriptor] = []
+    chunk_rows: list[tuple[int, bytes, int, int, int, int, int]] = []
+    chunk_ids: dict[bytes, int] = {}
+    blob_rows: list[tuple[int, str, int, str]] = []
+    dict_descs: list[Descriptor] = []
+    if chunk_dict is not None:
+        dict_descs = _reference_dict(order, store, chunk_dict, min_blob_use, blob_descs, chunk_rows,
+                                     chunk_ids, blob_rows)
+        if copy_dict_blobs:
+            for desc in dict_descs:
+                copy_blob(chunk_dict.source_of(desc.digest), layout, desc)
+
     # Which blob holds each chunk: the lowest layer that has it, in first-use order.
     home: dict[bytes, int] = {}
     per_blob: list[list[bytes]] = [[] for _ in layer_chunks]
     for _path, _parent, node in order:
         for digest in node.chunks:
-            if digest not in home:
+            if digest not in home and digest not in chunk_ids:
                 layer = next(i for i, s in enumerate(layer_chunks) if digest in s)
                 home[digest] = layer
                 per_blob[layer].append(digest)
 
-    blob_descs: list[Descriptor] = []
-    chunk_rows: list[tuple[int, bytes, int, int, int, int, int]] = []
-    chunk_ids: dict[bytes, int] = {}
-    blob_rows: list[tuple[int, str, int, str]] = []
     for digests in per_blob:
         if not digests:
             continue
@@ -123,7 +148,49 @@ def assemble(
     manifest_digest, manifest, bootstrap = finish_image(layout, config, blob_descs, db_path, tag,
                                                          annotations)
     files = len({id(n) for _, _, n in order if stat.S_ISREG(n.mode)})
-    return BuildResult(manifest_digest, manifest, blob_descs, bootstrap, files, store.bytes_in)
+    return BuildResult(manifest_digest, manifest, blob_descs, bootstrap, files, store.bytes_in, dict_descs)
+
+
+def _reference_dict(order: list[tuple[bytes, Node, Node]], store: ChunkStore, chunk_dict: ChunkDict,
+                    min_blob_use: float, blob_descs: list[Descriptor],
+                    chunk_rows: list[tuple[int, bytes, int, int, int, int, int]], chunk_ids: dict[bytes, int],
+                    blob_rows: list[tuple[int, str, int, str]]) -> list[Descriptor]:
+    """Rows for the dictionary chunks the tree uses, and the dictionary blobs (in first-use order)."""
+    first_use: list[bytes] = []
+    seen: set[bytes] = set()
+    for _path, _parent, node in order:
+        for digest in node.chunks:
+            if digest not in seen:
+                seen.add(digest)
+                if digest not in store.chunks:
+                    first_use.append(digest)
+    used: dict[str, int] = {}
+    for digest in first_use:
+        c = chunk_dict.chunks[digest]
+        used[c.blob] = used.get(c.blob, 0) + c.csize
+    # Blob hygiene: a blob the image barely uses costs more (pulls, GC pinning) than a copy of the chunks.
+    thin = {b for b, n in used.items() if n < min_blob_use * chunk_dict.blobs[b].size}
+    copied = [d for d in first_use if chunk_dict.chunks[d].blob in thin]
+    if copied:
+        spool = store.new_spool()
+        for digest, stored in chunk_dict.fetch_stored(copied):
+            store.adopt(digest, stored, chunk_dict.chunks[digest].usize, spool)
+    blob_ids: dict[str, int] = {}
+    descs: list[Descriptor] = []
+    for digest in first_use:
+        c = chunk_dict.chunks[digest]
+        if c.blob in thin:
+            continue
+        if c.blob not in blob_ids:
+            blob = chunk_dict.blobs[c.blob]
+            blob_ids[c.blob] = len(blob_descs) + 1
+            descs.append(blob.descriptor())
+            blob_descs.append(descs[-1])
+            blob_rows.append((blob_ids[c.blob], blob.digest, blob.size, blob.compressor))
+        chunk_ids[digest] = len(chunk_rows) + 1
+        chunk_rows.append((chunk_ids[digest], digest, blob_ids[c.blob], c.offset, c.csize, c.usize,
+                           c.uoffset))
+    return descs
 
 
 @contextlib.contextmanager

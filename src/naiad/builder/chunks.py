@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import threading
+from collections.abc import Container
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
 
@@ -56,8 +57,11 @@ class StoredChunk:
 class ChunkStore:
     """All distinct chunks of one build, by digest."""
 
-    def __init__(self, spool_dir: str, chunk_size: int, codec: Codec, workers: int | None = None):
+    def __init__(self, spool_dir: str, chunk_size: int, codec: Codec, workers: int | None = None,
+                 known: Container[bytes] = ()):
         self.spool_dir = spool_dir
+        # Digests stored elsewhere (a chunk dictionary): only named, never compressed or spooled.
+        self.known = known
         self.chunk_size = chunk_size
         self.codec = codec
         workers = workers or max(2, os.cpu_count() or 2)
@@ -98,7 +102,7 @@ class ChunkStore:
         try:
             digest = hashlib.sha256(data).digest()
             with self._lock:
-                if digest in self.chunks or digest in self._pending:
+                if digest in self.chunks or digest in self._pending or digest in self.known:
                     return digest
                 self._pending.add(digest)
                 self.bytes_in += len(data)
@@ -110,6 +114,13 @@ class ChunkStore:
             return digest
         finally:
             self._slots.release()
+
+    def adopt(self, digest: bytes, stored: bytes, usize: int, spool: Spool) -> None:
+        """Take a chunk's already compressed, verified bytes (a dictionary chunk stored here after all)."""
+        offset = spool.append(stored)
+        with self._lock:
+            self.chunks[digest] = StoredChunk(spool, offset, len(stored), usize)
+            self.bytes_in += usize
 
     def read_stored(self, digest: bytes) -> tuple[bytes, StoredChunk]:
         c = self.chunks[digest]

@@ -4,6 +4,10 @@ Layers are streamed (never held in memory) on a few threads, their files
 chunked and compressed on a shared pool, then applied in order onto one tree
 and assembled. The result is written into an OCI layout: the target layout
 itself, or a staging layout that is then pushed to the target registry.
+
+With `--chunk-dict`, chunks that the dictionary images already store are
+referenced instead (builder/chunkdict.py): they are neither compressed nor
+written, and the push mounts or copies the dictionary blobs the image uses.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from naiad.builder.assemble import BuildResult, assemble
+from naiad.builder.chunkdict import ChunkDict
 from naiad.builder.chunks import ChunkStore
 from naiad.builder.progress import CountingReader, NoProgress, Progress
 from naiad.builder.tree import Node, Tree
-from naiad.errors import BadReferenceError, FormatError
+from naiad.errors import BadReferenceError, FormatError, NaiadError
 from naiad.format import spec
 from naiad.format.compression import codec
-from naiad.oci.copy import copy_image
+from naiad.oci.copy import BlobLocator, CopyResult, copy_image
 from naiad.oci.image import (
     ImageSource,
     Platform,
@@ -50,6 +55,19 @@ class BuildOptions:
     platform: Platform = dataclasses.field(default_factory=Platform)
     prefetch: Sequence[str] = ()
     workers: int | None = None
+    chunk_dict: Sequence[str] = ()  # naiad image references or dictionary files
+    min_blob_use: float = 0.1  # reference a dictionary blob only if this fraction of its bytes is used
+
+
+@contextlib.contextmanager
+def _chunk_dict(options: BuildOptions, registry: RegistryOptions) -> Iterator[ChunkDict | None]:
+    if not 0.0 <= options.min_blob_use <= 1.0:
+        raise NaiadError(f"--min-blob-use {options.min_blob_use}: must be a fraction from 0 to 1")
+    if not options.chunk_dict:
+        yield None
+        return
+    with ChunkDict.load(options.chunk_dict, registry, options.platform) as cd:
+        yield cd
 
 
 def default_target_tag(source: Reference, target: Reference) -> str | None:
@@ -61,10 +79,12 @@ def default_target_tag(source: Reference, target: Reference) -> str | None:
 
 @contextlib.contextmanager
 def output_layout(target: Reference, registry: RegistryOptions,
-                  fallback: ImageSource | None = None) -> Iterator[OCILayout]:
+                  fallback: ImageSource | BlobLocator | None = None,
+                  pushed: list[CopyResult] | None = None) -> Iterator[OCILayout]:
     """The layout to assemble into; for a registry target, a staging layout pushed at the end.
 
-    Blobs the staging layout lacks are pushed from `fallback`.
+    Blobs the staging layout lacks are pushed (or mounted) from `fallback`
+    (see copy_image); the push's result is appended to `pushed`.
     """
     if target.transport == "oci":
         layout = OCILayout(target, create=True)
@@ -86,7 +106,9 @@ def output_layout(target: Reference, registry: RegistryOptions,
         yield layout
         layout.close()
         with source_for(layout.ref) as src, target_for(target, registry) as dst:
-            copy_image(src, dst, target.tag, fallback=fallback)
+            result = copy_image(src, dst, target.tag, fallback=fallback)
+        if pushed is not None:
+            pushed.append(result)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -108,9 +130,11 @@ def convert(source_ref: Reference, target_ref: Reference, options: BuildOptions,
             layer.media_type == spec.MEDIA_TYPE_BOOTSTRAP for layer in image.layers
         ):
             raise FormatError(f"{source_ref} is already a naiad image")
-        with output_layout(target_ref, registry) as layout:
+        pushed: list[CopyResult] = []
+        with _chunk_dict(options, registry) as cd, \
+                output_layout(target_ref, registry, cd.locate if cd else None, pushed) as layout:
             store = ChunkStore(layout.staging_dir(), options.chunk_size, codec(options.compressor),
-                               options.workers)
+                               options.workers, cd.usable(options.compressor) if cd else ())
             try:
                 layers = _read_layers(source, image, store, progress)
                 tree = Tree()
@@ -119,13 +143,17 @@ def convert(source_ref: Reference, target_ref: Reference, options: BuildOptions,
                     tree.apply_layer(entries, f"layer {i + 1} ({image.layers[i].digest})")
                     layer_chunks.append(chunks)
                 advance = progress.task("assembling", store.bytes_in)
-                return assemble(
+                result = assemble(
                     tree, store, layer_chunks, image.config, layout, target_ref.tag,
                     annotations={spec.ANNOTATION_SOURCE: image.manifest_digest},
                     prefetch=[os.fsencode(p).strip(b"/") for p in options.prefetch], progress=advance,
+                    chunk_dict=cd, min_blob_use=options.min_blob_use,
+                    copy_dict_blobs=target_ref.transport == "oci",
                 )
             finally:
                 store.close()
+        result.push = pushed[0] if pushed else None
+        return result
 
 
 LayerEntries = list[tuple[LayerEntry, list[bytes] | None]]
@@ -181,17 +209,22 @@ def build_from_dir(root: str, target_ref: Reference, options: BuildOptions,
         config = {"architecture": options.platform.architecture, "os": options.platform.os,
                   "config": {}, "rootfs": {"type": "layers", "diff_ids": []}}
     target_ref = target_ref if target_ref.tag or target_ref.digest else target_ref.with_tag("latest")
-    with output_layout(target_ref, registry) as layout:
+    pushed: list[CopyResult] = []
+    with _chunk_dict(options, registry) as cd, \
+            output_layout(target_ref, registry, cd.locate if cd else None, pushed) as layout:
         store = ChunkStore(layout.staging_dir(), options.chunk_size, codec(options.compressor),
-                           options.workers)
+                           options.workers, cd.usable(options.compressor) if cd else ())
         try:
             tree, chunks = _scan_dir(root, store, progress)
             advance = progress.task("assembling", store.bytes_in)
-            return assemble(tree, store, [chunks], config, layout, target_ref.tag,
-                            prefetch=[os.fsencode(p).strip(b"/") for p in options.prefetch],
-                            progress=advance)
+            result = assemble(tree, store, [chunks], config, layout, target_ref.tag,
+                              prefetch=[os.fsencode(p).strip(b"/") for p in options.prefetch],
+                              progress=advance, chunk_dict=cd, min_blob_use=options.min_blob_use,
+                              copy_dict_blobs=target_ref.transport == "oci")
         finally:
             store.close()
+    result.push = pushed[0] if pushed else None
+    return result
 
 
 def _scan_dir(root: str, store: ChunkStore, progress: Progress) -> tuple[Tree, set[bytes]]:
