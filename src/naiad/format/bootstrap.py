@@ -315,6 +315,9 @@ class Bootstrap:
             "SELECT name, value FROM xattrs WHERE ino = ? ORDER BY name", (ino,)
         ).fetchall()
 
+    def inodes_with_xattrs(self) -> set[int]:
+        return {r[0] for r in self._db.execute("SELECT DISTINCT ino FROM xattrs")}
+
     def resolve(self, path: str | bytes) -> int | None:
         """The inode at `path` (absolute or relative to the root), without following symlinks."""
         ino: int | None = ROOT_INO

@@ -49,6 +49,10 @@ class LazyFS(pyfuse3.Operations):
         # The access trace: (ino, chunk index) in first-read order (a dict keeps insertion order).
         self.trace: dict[tuple[int, int], None] = {}
         self.files_read: set[int] = set()
+        # Overlayfs and exec ask for xattrs on every lookup and open, and most images have
+        # few or none: knowing which inodes have any answers the rest without a query.
+        # This costs one row per xattr, not per file.
+        self._has_xattrs = bootstrap.inodes_with_xattrs()
 
     # --- metadata ------------------------------------------------------
 
@@ -115,12 +119,16 @@ class LazyFS(pyfuse3.Operations):
         self._dirs.pop(fh, None)
 
     async def getxattr(self, inode: int, name: bytes, ctx) -> bytes:
+        if inode not in self._has_xattrs:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         for key, value in self.bs.xattrs(inode):
             if key == name:
                 return value
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     async def listxattr(self, inode: int, ctx) -> list[bytes]:
+        if inode not in self._has_xattrs:
+            return []
         return [k for k, _ in self.bs.xattrs(inode)]
 
     async def statfs(self, ctx) -> pyfuse3.StatvfsData:
