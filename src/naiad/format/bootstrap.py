@@ -279,6 +279,15 @@ class Bootstrap:
         ).fetchone()
         return row[0] if row else None
 
+    def lookup_attr(self, parent: int, name: bytes) -> Attr | None:
+        """lookup() and getattr() in one query."""
+        row = self._db.execute(
+            "SELECT i.ino, i.mode, i.nlink, i.uid, i.gid, i.size, i.mtime, i.mtime_nsec, i.rdev"
+            " FROM dentries d JOIN inodes i ON i.ino = d.ino WHERE d.parent = ? AND d.name = ?",
+            (parent, name),
+        ).fetchone()
+        return Attr(*row) if row else None
+
     def getattr(self, ino: int) -> Attr:
         row = self._db.execute(
             "SELECT ino, mode, nlink, uid, gid, size, mtime, mtime_nsec, rdev FROM inodes WHERE ino = ?",

@@ -82,15 +82,15 @@ class LazyFS(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx=None) -> pyfuse3.EntryAttributes:
         if name == b".":
             return self._entry(self._attr(parent_inode))
-        ino = self.bs.lookup(parent_inode, name)
-        if ino is None:
+        attr = self.bs.lookup_attr(parent_inode, name)
+        if attr is None:
             # Inode 0 is a negative entry the kernel may keep: the image never changes, so
             # a name that is absent now (a path an import probes, say) stays absent.
             negative = pyfuse3.EntryAttributes()
             negative.st_ino = 0
             negative.entry_timeout = CACHE_TIMEOUT
             return negative
-        return self._entry(self._attr(ino))
+        return self._entry(attr)
 
     async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
         return self._entry(self._attr(inode))

@@ -36,6 +36,7 @@ import time
 
 from naiad.paths import naiad_home
 
+ABSENT_TTL = 2.0  # seconds a "not cached" answer is reused without asking the index again
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -76,6 +77,7 @@ class ChunkCache:
         self._touched: dict[bytes, int] = {}
         # Chunks this process wrote or has checked, with where they are.
         self._verified: dict[bytes, CacheEntry] = {}
+        self._absent: dict[bytes, float] = {}  # digest -> when it was found absent
         self._last_flush = time.monotonic()
 
     def _path(self, blob: str) -> str:
@@ -95,10 +97,20 @@ class ChunkCache:
         return fd
 
     def lookup(self, digest: bytes) -> CacheEntry | None:
+        now = time.monotonic()
         with self._lock:
+            # A chunk found absent a moment ago is taken as still absent: a cold start asks
+            # for the same missing chunk several times within milliseconds. If another
+            # process cached it meanwhile, the cost is one redundant fetch, never wrong bytes.
+            if now - self._absent.get(digest, -ABSENT_TTL) < ABSENT_TTL:
+                return None
             row = self._db.execute(
                 "SELECT blob, uoffset, usize FROM chunks WHERE digest = ?", (digest,)
             ).fetchone()
+            if row is None:
+                if len(self._absent) > 100_000:
+                    self._absent.clear()
+                self._absent[digest] = now
         return CacheEntry(*row) if row else None
 
     def contains(self, digest: bytes) -> bool:
@@ -155,6 +167,7 @@ class ChunkCache:
         with self._lock:
             for digest, uoffset, data in chunks:
                 self._verified[digest] = CacheEntry(blob, uoffset, len(data))
+                self._absent.pop(digest, None)
             self._db.execute("BEGIN")
             self._db.executemany("INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?)",
                                  [(d, blob, u, len(data), now) for d, u, data in chunks])
