@@ -444,8 +444,9 @@ class Bootstrap:
 
 
 def _chunk_floor(bs: Bootstrap, ino: int, offset: int) -> int:
-    # Chunks are aligned at multiples of chunk_size from the file start, so
-    # the chunk holding `offset` starts at the largest foffset <= offset.
+    # The chunk holding `offset` starts at the largest foffset <= offset.
+    if offset == 0:
+        return 0
     row = bs._db.execute(
         "SELECT max(foffset) FROM file_chunks WHERE ino = ? AND foffset <= ?", (ino, offset)
     ).fetchone()
