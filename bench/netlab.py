@@ -6,15 +6,17 @@ so labs of concurrent runs never collide):
     netns naiadlab-TOKEN-reg                      netns naiadlab-TOKEN-node
     docker-registry on 10.77.0.1:5000             the client side: naiad, skopeo
     nl-TOKEN-r (10.77.0.1/24) ──── veth ──── nl-TOKEN-n (10.77.0.2/24)
-    egress: tc tbf rate R (or none)
+    egress: tc tbf rate R (or none)          egress: tbf too with shape_node() (pushes)
 
 The registry is Debian's `docker-registry` (the CNCF distribution server)
 with filesystem storage in a temporary directory. Client commands run in the
 node namespace with `lab.node_argv(argv)`: `nsenter --net=...` switches the
 network namespace only, so FUSE mounts made there are ordinary mounts of the
 caller's mount namespace. `lab.shape(rate)` puts a token bucket filter on the
-registry's egress (this kernel has tbf, no netem: no added latency);
-`lab.registry_tx_bytes()` reads the registry veth's `tx_bytes` counter.
+registry's egress (this kernel has tbf, no netem: no added latency),
+`lab.shape_node(rate)` one on the node's egress (for pushes);
+`lab.registry_tx_bytes()` and `lab.registry_rx_bytes()` read the registry
+veth's `tx_bytes` and `rx_bytes` counters.
 
 Everything is torn down on exit, also on an exception, Ctrl-C, SIGTERM or
 SIGHUP: the registry and any other process left in the two namespaces are
@@ -105,6 +107,7 @@ class Lab:
     storage: Path
     log_path: Path
     rate: int | None = None  # current egress limit of the registry, bits per second
+    node_rate: int | None = None  # current egress limit of the node, bits per second
     registry_proc: subprocess.Popen | None = None
 
     @property
@@ -126,19 +129,21 @@ class Lab:
         """CPU seconds (user + sys) the registry process has used so far."""
         return process_cpu(self.registry_proc.pid) if self.registry_proc else 0.0
 
+    def registry_rx_bytes(self) -> int:
+        """Bytes the registry's veth has received so far (all traffic: headers and payload)."""
+        out = _ip_out("netns", "exec", self.registry_ns, "cat",
+                      f"/sys/class/net/{self.registry_dev}/statistics/rx_bytes")
+        return int(out)
+
     def shape(self, rate: int | None) -> None:
         """Limit the registry's egress to `rate` bits/s with tbf, or remove the limit (None)."""
-        dev = self.registry_dev
-        if rate is None:
-            subprocess.run(["tc", "-n", self.registry_ns, "qdisc", "del", "dev", dev, "root"],
-                           capture_output=True)  # fails harmlessly when there is no qdisc
-        else:
-            # Burst: 10 ms worth of bytes (at least 64 KiB, so GSO packets pass whole);
-            # queue: 50 ms worth of bytes.
-            burst = max(rate // 8 // 100, 64 * 1024)
-            _run(["tc", "-n", self.registry_ns, "qdisc", "replace", "dev", dev, "root", "tbf",
-                  "rate", f"{rate}bit", "burst", str(burst), "latency", "50ms"])
+        _tbf(self.registry_ns, self.registry_dev, rate)
         self.rate = rate
+
+    def shape_node(self, rate: int | None) -> None:
+        """Limit the node's egress (what it sends the registry, e.g. a push) to `rate` bits/s, or unlimit."""
+        _tbf(self.node_ns, self.node_dev, rate)
+        self.node_rate = rate
 
     def check_registry(self) -> None:
         """Raise if the registry process has died."""
@@ -172,6 +177,19 @@ def lab(rate: int | None = None, log: Callable[[str], None] | None = None) -> It
             shutil.rmtree(work, ignore_errors=True)
             if log:
                 log(f"lab {token}: torn down" + (f" (problems: {'; '.join(problems)})" if problems else ""))
+
+
+def _tbf(ns: str, dev: str, rate: int | None) -> None:
+    """Put a token bucket filter of `rate` bits/s on `dev`'s egress in netns `ns`, or remove it (None)."""
+    if rate is None:
+        subprocess.run(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"],
+                       capture_output=True)  # fails harmlessly when there is no qdisc
+    else:
+        # Burst: 10 ms worth of bytes (at least 64 KiB, so GSO packets pass whole);
+        # queue: 50 ms worth of bytes.
+        burst = max(rate // 8 // 100, 64 * 1024)
+        _run(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf",
+              "rate", f"{rate}bit", "burst", str(burst), "latency", "50ms"])
 
 
 def _build(lab: Lab) -> None:
