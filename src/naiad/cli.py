@@ -89,12 +89,12 @@ def _build_options(args: argparse.Namespace):
 
     prefetch: list[str] = []
     if args.prefetch_list:
-        with open(args.prefetch_list, encoding="utf-8") as f:
-            prefetch = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        prefetch = _read_prefetch_list(args.prefetch_list)
     chunk_dict = [r.strip() for r in ",".join(args.chunk_dict or []).split(",") if r.strip()]
     return BuildOptions(chunk_size=_size(args.chunk_size), compressor=args.compressor,
                         platform=Platform.parse(args.platform), prefetch=prefetch, chunk_dict=chunk_dict,
-                        min_blob_use=args.min_blob_use)
+                        min_blob_use=args.min_blob_use,
+                        layer_cache=not getattr(args, "no_layer_cache", False))
 
 
 def _fraction(text: str) -> float:
@@ -105,6 +105,15 @@ def _fraction(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"{text}: a fraction from 0 to 1")
     return value
+
+
+def _read_prefetch_list(path: str) -> list[str]:
+    """Paths from a prefetch list file: one per line; blank lines and # comments skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    except (OSError, UnicodeDecodeError) as e:
+        raise NaiadError(f"cannot read prefetch list {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def _size(text: str) -> int:
@@ -128,11 +137,14 @@ def _report_build(args: argparse.Namespace, target: str, result: Any) -> None:
         "bootstrap": result.bootstrap.to_json(), "stored_bytes": stored,
         "dict_blobs": [d.to_json() for d in result.dict_blobs], "dict_bytes": reused,
         "push": result.push.to_json() if result.push else None,
+        "cached_layers": result.cached_layers,
     }
     text = (f"{target}@{result.manifest_digest}\n"
             f"  {result.files} files, {len(new)} new blobs, {_human(stored)} stored "
             f"(from {_human(result.bytes_in)} of unique chunk data), bootstrap "
             f"{_human(result.bootstrap.size)}")
+    if result.cached_layers:
+        text += f"\n  {len(result.cached_layers)} source layers taken from the layer cache"
     if result.dict_blobs:
         text += f"\n  {len(result.dict_blobs)} dictionary blobs referenced ({_human(reused)})"
     if result.push:
@@ -433,8 +445,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     exit_code = None
     entries: list[tuple[str, int | None]]
     if args.prefetch_list:
-        with open(args.prefetch_list, encoding="utf-8") as f:
-            entries = [(line.strip(), None) for line in f if line.strip() and not line.startswith("#")]
+        entries = [(path, None) for path in _read_prefetch_list(args.prefetch_list)]
     else:
         with tempfile.TemporaryDirectory(prefix="naiad-optimize-") as tmp:
             trace = os.path.join(tmp, "trace.json")
@@ -506,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
                        " A TARGET without tag gets SOURCE's tag + '-naiad'.")
     p.add_argument("source", help="source image reference")
     p.add_argument("target", help="target reference for the naiad image")
+    p.add_argument("--no-layer-cache", action="store_true",
+                   help="convert every layer from the source, and do not record this conversion in the "
+                   "layer cache ($NAIAD_HOME/layers) that later converts reuse for identical layers")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("build", parents=[fmt, reg, out], help="build a naiad image from a rootfs directory",
@@ -629,7 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the image even if CMD exits non-zero")
     p.add_argument("--no-relayout", action="store_true",
                    help="only set the prefetch list; do not copy the hot chunks into a new blob")
-    p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- CMD", help="command to run")
+    # Not REMAINDER: options written after TARGET must stay options; the command goes after "--".
+    p.add_argument("command_args", nargs="*", metavar="-- CMD", help="command to run (after '--')")
     p.set_defaults(func=cmd_optimize)
     return parser
 
@@ -637,6 +652,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.command == "optimize" and "--" in argv:
+        # Everything after "--" is the command, even words that look like options.
+        split = argv.index("--")
+        args = build_parser().parse_args(argv[:split])
+        args.command_args = argv[split + 1:]
     # The mount daemon is started with this command's own arguments.
     args.argv_for_daemon = argv[argv.index("mount") + 1:] if args.command == "mount" else None
     try:

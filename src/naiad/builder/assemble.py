@@ -47,6 +47,7 @@ class BuildResult:
     bytes_in: int
     dict_blobs: list[Descriptor] = dataclasses.field(default_factory=list)  # referenced, not written
     push: CopyResult | None = None  # for a registry target: what the push sent
+    cached_layers: list[str] = dataclasses.field(default_factory=list)  # source layers the layer cache gave
 
     @property
     def new_blobs(self) -> list[Descriptor]:

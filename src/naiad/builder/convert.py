@@ -8,6 +8,12 @@ itself, or a staging layout that is then pushed to the target registry.
 With `--chunk-dict`, chunks that the dictionary images already store are
 referenced instead (builder/chunkdict.py): they are neither compressed nor
 written, and the push mounts or copies the dictionary blobs the image uses.
+
+A layer an earlier convert on this machine already converted (same layer
+digest, chunk size and compressor) is not read at all: its entries come from
+the layer cache (builder/layercache.py), and its chunks, already compressed,
+are copied out of the naiad image that conversion wrote. The result is byte
+for byte what a convert without the cache makes.
 """
 
 from __future__ import annotations
@@ -16,15 +22,19 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import sqlite3
 import stat
+import struct
+import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from naiad.builder.assemble import BuildResult, assemble
 from naiad.builder.chunkdict import ChunkDict
 from naiad.builder.chunks import ChunkStore
+from naiad.builder.layercache import CachedLayer, LayerCache, LayerEntries, LayerResult
 from naiad.builder.progress import CountingReader, NoProgress, Progress
 from naiad.builder.tree import Node, Tree
 from naiad.errors import BadReferenceError, FormatError, NaiadError
@@ -42,7 +52,7 @@ from naiad.oci.image import (
 )
 from naiad.oci.layer import LayerEntry, LayerReader
 from naiad.oci.layout import OCILayout
-from naiad.oci.reference import Reference
+from naiad.oci.reference import Reference, parse_reference
 from naiad.paths import naiad_home
 
 MAX_LAYER_THREADS = 4
@@ -57,6 +67,7 @@ class BuildOptions:
     workers: int | None = None
     chunk_dict: Sequence[str] = ()  # naiad image references or dictionary files
     min_blob_use: float = 0.1  # reference a dictionary blob only if this fraction of its bytes is used
+    layer_cache: bool = True  # convert: reuse (and record) earlier conversions of identical layers
 
 
 @contextlib.contextmanager
@@ -113,8 +124,13 @@ def output_layout(target: Reference, registry: RegistryOptions,
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _stderr_warning(message: str) -> None:
+    print(f"naiad: warning: {message}", file=sys.stderr)
+
+
 def convert(source_ref: Reference, target_ref: Reference, options: BuildOptions,
-            registry: RegistryOptions | None = None, progress: Progress | None = None) -> BuildResult:
+            registry: RegistryOptions | None = None, progress: Progress | None = None,
+            warn: Callable[[str], None] = _stderr_warning) -> BuildResult:
     registry = registry or RegistryOptions()
     progress = progress or NoProgress()
     spec.check_chunk_size(options.chunk_size)
@@ -131,37 +147,180 @@ def convert(source_ref: Reference, target_ref: Reference, options: BuildOptions,
         ):
             raise FormatError(f"{source_ref} is already a naiad image")
         pushed: list[CopyResult] = []
-        with _chunk_dict(options, registry) as cd, \
-                output_layout(target_ref, registry, cd.locate if cd else None, pushed) as layout:
-            store = ChunkStore(layout.staging_dir(), options.chunk_size, codec(options.compressor),
-                               options.workers, cd.usable(options.compressor) if cd else ())
-            try:
-                layers = _read_layers(source, image, store, progress)
-                tree = Tree()
-                layer_chunks = []
-                for i, (entries, chunks) in enumerate(layers):
-                    tree.apply_layer(entries, f"layer {i + 1} ({image.layers[i].digest})")
-                    layer_chunks.append(chunks)
-                advance = progress.task("assembling", store.bytes_in)
-                result = assemble(
-                    tree, store, layer_chunks, image.config, layout, target_ref.tag,
-                    annotations={spec.ANNOTATION_SOURCE: image.manifest_digest},
-                    prefetch=[os.fsencode(p).strip(b"/") for p in options.prefetch], progress=advance,
-                    chunk_dict=cd, min_blob_use=options.min_blob_use,
-                    copy_dict_blobs=target_ref.transport == "oci",
-                )
-            finally:
-                store.close()
+        cache = _open_cache(warn) if options.layer_cache else None
+        try:
+            with _chunk_dict(options, registry) as cd:
+                cached, earlier = _use_cache(cache, image, options, registry, warn)
+                try:
+                    result, layers, tree = _convert(source, image, target_ref, options, registry, progress,
+                                                    cd, cached, earlier, pushed, warn)
+                finally:
+                    for found, _ in earlier:
+                        found.close()
+            result.cached_layers = [image.layers[i].digest for i in sorted(cached)]
+            if cache is not None:
+                _record(cache, image, target_ref, result, options, layers, cached, tree, warn)
+        finally:
+            if cache is not None:
+                cache.close()
         result.push = pushed[0] if pushed else None
         return result
 
 
-LayerEntries = list[tuple[LayerEntry, list[bytes] | None]]
+def _convert(source: Any, image: ResolvedImage, target_ref: Reference, options: BuildOptions,
+             registry: RegistryOptions, progress: Progress, cd: ChunkDict | None,
+             cached: dict[int, LayerResult], earlier: list[tuple[ChunkDict, list[int]]],
+             pushed: list[CopyResult], warn: Callable[[str], None],
+             ) -> tuple[BuildResult, list[LayerResult], Tree]:
+    with output_layout(target_ref, registry, cd.locate if cd else None, pushed) as layout:
+        store = ChunkStore(layout.staging_dir(), options.chunk_size, codec(options.compressor),
+                           options.workers, cd.usable(options.compressor) if cd else ())
+        try:
+            _adopt_cached(store, cached, earlier, progress, warn)
+            read = _read_layers(source, image, store, progress, [i for i in range(len(image.layers))
+                                                                 if i not in cached])
+            layers = [cached[i] if i in cached else read.pop(0) for i in range(len(image.layers))]
+            tree = Tree()
+            layer_chunks = []
+            for i, (entries, chunks) in enumerate(layers):
+                tree.apply_layer(entries, f"layer {i + 1} ({image.layers[i].digest})")
+                layer_chunks.append(chunks)
+            advance = progress.task("assembling", store.bytes_in)
+            result = assemble(
+                tree, store, layer_chunks, image.config, layout, target_ref.tag,
+                annotations={spec.ANNOTATION_SOURCE: image.manifest_digest},
+                prefetch=[os.fsencode(p).strip(b"/") for p in options.prefetch], progress=advance,
+                chunk_dict=cd, min_blob_use=options.min_blob_use,
+                copy_dict_blobs=target_ref.transport == "oci",
+            )
+        finally:
+            store.close()
+    return result, layers, tree
 
 
-def _read_layers(source: Any, image: ResolvedImage, store: ChunkStore,
-                 progress: Progress) -> list[tuple[LayerEntries, set[bytes]]]:
-    advance = progress.task("converting layers", sum(d.size for d in image.layers))
+def _open_cache(warn: Callable[[str], None]) -> LayerCache | None:
+    try:
+        return LayerCache()
+    except (sqlite3.Error, OSError) as e:
+        warn(f"layer cache unusable, converting every layer: {e}")
+        return None
+
+
+def _use_cache(cache: LayerCache | None, image: ResolvedImage, options: BuildOptions,
+               registry: RegistryOptions, warn: Callable[[str], None],
+               ) -> tuple[dict[int, LayerResult], list[tuple[ChunkDict, list[int]]]]:
+    """The layers (by index) the cache provides, and the earlier images holding their chunks.
+
+    A cached layer is used only if the naiad image it points at opens and verifies, holds
+    every one of the layer's chunks and still has the blobs they are in; otherwise the
+    layer is converted from the source, with a warning.
+    """
+    cached: dict[int, LayerResult] = {}
+    earlier: list[tuple[ChunkDict, list[int]]] = []
+    if cache is None:
+        return cached, earlier
+    by_image: dict[str, list[tuple[int, CachedLayer]]] = {}
+    try:
+        for i, desc in enumerate(image.layers):
+            hit = cache.lookup(desc.digest, options.chunk_size, options.compressor)
+            if hit is not None:
+                by_image.setdefault(hit.image, []).append((i, hit))
+    except sqlite3.Error as e:
+        warn(f"layer cache unusable, converting every layer: {e}")
+        return cached, earlier
+    for ref, hits in by_image.items():
+        what = ", ".join(f"layer {i + 1}" for i, _ in hits)
+        found = ChunkDict(registry)
+        use: dict[int, LayerResult] = {}
+        try:
+            found.add_image(parse_reference(ref), options.platform)
+            usable = found.usable(options.compressor)
+            present: dict[str, bool] = {}
+            for i, hit in hits:
+                entries, chunks = cache.entries(hit)
+                missing = next((d for d in chunks if d not in usable), None)
+                if missing is not None:
+                    warn(f"layer cache: {ref} lacks chunk sha256:{missing.hex()} of layer {i + 1} "
+                         f"({hit.digest}); converting it")
+                    continue
+                for blob in {usable[d].blob for d in chunks}:
+                    if blob not in present:
+                        src = found.source_of(blob)
+                        present[blob] = src.has_blob(found.blobs[blob].descriptor())  # type: ignore[attr-defined]
+                if not all(present[usable[d].blob] for d in chunks):
+                    warn(f"layer cache: {ref} lacks a blob of layer {i + 1} ({hit.digest}); converting it")
+                    continue
+                use[i] = (entries, chunks)
+        except (NaiadError, OSError) as e:
+            warn(f"layer cache: earlier conversion unusable for {what}, converting: {e}")
+            use = {}
+        except (sqlite3.Error, struct.error, ValueError) as e:
+            warn(f"layer cache damaged for {what}, converting: {e}")
+            use = {}
+        if not use:
+            found.close()
+            continue
+        cached.update(use)
+        earlier.append((found, sorted(use)))
+    return cached, earlier
+
+
+def _adopt_cached(store: ChunkStore, cached: dict[int, LayerResult],
+                  earlier: list[tuple[ChunkDict, list[int]]], progress: Progress,
+                  warn: Callable[[str], None]) -> None:
+    """Put the cached layers' chunks into `store` as the earlier images stored them.
+
+    They are copied, not referenced: the stored bytes are what compressing the chunk
+    gives, so the image is byte for byte the one a convert without the cache makes,
+    and it does not come to depend on blobs of an earlier image. Chunks the build's
+    own `--chunk-dict` has stay references, as usual. Where an earlier image cannot
+    be read after all, its layers are dropped from `cached` and read from the source.
+    """
+    wanted = [(found, sorted({d for i in layers for d in cached[i][1]
+                              if d not in store.known and d not in store.chunks}), layers)
+              for found, layers in earlier]
+    advance = progress.task("reusing cached layers", sum(found.chunks[d].usize
+                                                         for found, digests, _ in wanted for d in digests))
+    for found, digests, layers in wanted:
+        spool = store.new_spool()
+        try:
+            for digest, stored in found.fetch_stored([d for d in digests if d not in store.chunks]):
+                usize = found.chunks[digest].usize
+                store.adopt(digest, stored, usize, spool)
+                advance(usize)
+        except (NaiadError, OSError) as e:
+            # What was adopted is verified and stays; the rest comes from the source layers.
+            warn(f"layer cache: reading {found.sources[0].ref} failed, converting its layers: {e}")
+            for i in layers:
+                del cached[i]
+
+
+def _record(cache: LayerCache, image: ResolvedImage, target_ref: Reference, result: BuildResult,
+            options: BuildOptions, layers: list[LayerResult], cached: dict[int, LayerResult], tree: Tree,
+            warn: Callable[[str], None]) -> None:
+    """Remember the layers of a finished convert; a failure here costs the next build time, not this one."""
+    if target_ref.transport == "oci":
+        pinned = Reference("oci", path=os.path.abspath(target_ref.path), digest=result.manifest_digest)
+    else:
+        pinned = dataclasses.replace(target_ref, tag=None, digest=result.manifest_digest)
+    # A chunk of a file deleted by a later layer is not in the image: such a layer is not recorded.
+    in_image = {d for _path, _parent, node in tree.walk() for d in node.chunks}
+    record: list[tuple[str, LayerEntries | None]] = []
+    for i, (entries, chunks) in enumerate(layers):
+        if chunks <= in_image:
+            # Cached layers only move to the newest image: it is the one most likely still around.
+            record.append((image.layers[i].digest, None if i in cached else entries))
+    try:
+        cache.record(str(pinned), result.manifest_digest, options.chunk_size, options.compressor, record)
+    except sqlite3.Error as e:
+        warn(f"layer cache not updated: {e}")
+
+
+def _read_layers(source: Any, image: ResolvedImage, store: ChunkStore, progress: Progress,
+                 indices: list[int]) -> list[LayerResult]:
+    advance = progress.task("converting layers", sum(image.layers[i].size for i in indices))
+    if not indices:
+        return []
 
     def read_one(i: int) -> tuple[LayerEntries, set[bytes]]:
         desc = image.layers[i]
@@ -186,8 +345,8 @@ def _read_layers(source: Any, image: ResolvedImage, store: ChunkStore,
             entries.append((entry, digests))
         return entries, chunks
 
-    with ThreadPoolExecutor(min(MAX_LAYER_THREADS, max(1, len(image.layers)))) as pool:
-        futures = [pool.submit(read_one, i) for i in range(len(image.layers))]
+    with ThreadPoolExecutor(min(MAX_LAYER_THREADS, len(indices))) as pool:
+        futures = [pool.submit(read_one, i) for i in indices]
         try:
             return [f.result() for f in futures]
         except BaseException:
