@@ -1,0 +1,46 @@
+"""The benchmark harness must keep working: `python -m bench --quick` end to end.
+
+Runs every benchmark on its small inputs (about a minute: a small image, a
+10,000-file tree, the network lab with a real registry in a namespace) and
+checks that the report it writes has every section with measured numbers.
+The figures themselves are not judged here: speed is for benchmarks, not tests.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SECTIONS = ("convert", "bootstrap", "coldstart", "push", "dedup")
+
+
+def test_quick_benchmarks_write_a_report_with_numbers(tmp_path):
+    tools = ("umoci", "skopeo", "docker-registry", "ip", "tc")
+    if os.geteuid() != 0 or not all(shutil.which(t) for t in tools):
+        pytest.skip("needs root, umoci, skopeo, docker-registry and iproute2")
+    name = f"test-smoke-{os.getpid()}"
+    env = {**os.environ, "NAIAD_BENCH_CACHE": str(tmp_path / "cache"), "NAIAD_HOME": str(tmp_path / "home")}
+    results = REPO / "bench" / "results"
+    before = set(results.iterdir()) if results.exists() else set()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--name", name], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        reports = [p for p in set(results.iterdir()) - before if p.suffix == ".md"]
+        assert len(reports) == 1, reports
+        text = reports[0].read_text()
+        for section in SECTIONS:
+            match = re.search(rf"^## {section}:.*?(?=^## |\Z)", text, re.M | re.S)
+            assert match, f"no {section} section"
+            # A table row with at least one measured decimal number in it.
+            assert re.search(r"^\|[^\n]*\| *\d+\.\d+", match.group(0), re.M), f"{section}: no figures"
+    finally:
+        for path in set(results.iterdir()) - before if results.exists() else ():
+            path.unlink()
