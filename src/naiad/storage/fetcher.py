@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Iterable
@@ -23,6 +24,8 @@ from naiad.errors import NaiadError
 from naiad.format.bootstrap import Blob, Bootstrap, Chunk
 from naiad.format.chunk import decode_chunk
 from naiad.storage.cache import ChunkCache
+
+log = logging.getLogger(__name__)
 
 DEFAULT_AMPLIFY = 1 << 20
 MAX_REQUEST = 16 << 20
@@ -195,21 +198,27 @@ class ChunkFetcher:
         for c in run:
             stored = data[c.offset - start: c.offset - start + c.csize]
             try:
-                good.append((c, decode_chunk(stored, c, blob.compressor)))
+                chunk = decode_chunk(stored, c, blob.compressor)
             except Exception as e:
                 self._fail([c], e)
+                continue
+            good.append((c, chunk))
+            # A reader waiting for this chunk gets its verified bytes now, not after the rest
+            # of the range is decoded and committed; the chunk stays registered as in flight
+            # until it is in the cache, so nobody fetches it again meanwhile.
+            with self._lock:
+                fut = self._inflight.get(c.digest)
+            if fut is not None and not fut.done():
+                fut.set_result(chunk)
         try:
             # One commit for the whole range: per-chunk commits cost more than the decoding.
             self.cache.put_many(blob.digest, [(c.digest, c.uoffset, chunk) for c, chunk in good])
         except Exception as e:
-            self._fail([c for c, _ in good], e)
-            return
-        for c, chunk in good:
-            with self._lock:
-                self.stats.chunks_fetched += 1
-                fut = self._inflight.pop(c.digest, None)
-            if fut is not None:
-                fut.set_result(chunk)
+            log.warning("caching %d chunks of %s failed: %s", len(good), blob.digest, e)
+        with self._lock:
+            self.stats.chunks_fetched += len(good)
+            for c, _ in good:
+                self._inflight.pop(c.digest, None)
 
     def _fail(self, run: list[Chunk], error: Exception) -> None:
         err = error if isinstance(error, FetchError) else FetchError(str(error) or type(error).__name__)
