@@ -56,3 +56,15 @@ def fault_proxy(registry: RegistryServer) -> Iterator[FaultProxy]:
     """A fresh fault-injecting proxy in front of the anonymous `registry`."""
     with FaultProxy(registry.host) as proxy:
         yield proxy
+
+
+@pytest.fixture
+def node(tmp_path):
+    """A machine's naiad state for mount tests (test_mount.Node); its mounts are always undone."""
+    from test_mount import Node
+
+    n = Node(tmp_path)
+    try:
+        yield n
+    finally:
+        n.cleanup()

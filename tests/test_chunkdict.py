@@ -18,7 +18,6 @@ import json
 import random
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -47,15 +46,6 @@ def layer(version: int) -> list[File | Dir]:
 def versions(tmp_path_factory) -> dict[int, Path]:
     base = tmp_path_factory.mktemp("versions")
     return {v: write_oci_layout(base / f"v{v}", [layer(v)], tag=f"v{v}").path for v in (1, 2)}
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = Node(tmp_path)
-    try:
-        yield n
-    finally:
-        n.cleanup()
 
 
 def js(proc: subprocess.CompletedProcess[str]) -> dict:

@@ -199,15 +199,6 @@ class Node:
                     os.kill(pid, signal.SIGKILL)
 
 
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = Node(tmp_path)
-    try:
-        yield n
-    finally:
-        n.cleanup()
-
-
 def drop_page_cache(path: Path) -> None:
     """Make the next read of `path` reach the filesystem again (the mount lets the kernel cache)."""
     fd = os.open(path, os.O_RDONLY)

@@ -23,11 +23,11 @@ from naiad.format.chunk import decode_chunk
 from naiad.oci.image import Descriptor, ImageSource, Platform, RegistryOptions, open_source
 from naiad.oci.reference import Reference, parse_reference
 from naiad.storage.image import NaiadImage
+from naiad.storage.ranges import contiguous_runs, read_run
 
 DICT_FORMAT = "naiad-chunkdict"
 DICT_VERSION = 1
 # Adjacent chunks are fetched together (for --min-blob-use copies) up to this many bytes.
-MAX_RANGE = 16 << 20
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -219,19 +219,12 @@ class ChunkDict:
 
     def fetch_stored(self, digests: list[bytes]) -> Iterator[tuple[bytes, bytes]]:
         """(digest, stored bytes) of dictionary chunks, each verified; runs read with one request."""
-        for run in _runs(sorted(digests, key=lambda d: (self.chunks[d].blob, self.chunks[d].offset)),
-                         self.chunks):
-            first, last = self.chunks[run[0]], self.chunks[run[-1]]
-            blob = self.blobs[first.blob]
-            size = last.offset + last.csize - first.offset
-            data = self.source_of(blob.digest).read_range(  # type: ignore[attr-defined]
-                blob.digest, first.offset, size)
-            if len(data) != size:
-                raise NaiadError(f"dictionary blob {blob.digest}: short read at {first.offset} "
-                                 f"({len(data)} of {size} bytes)")
-            for d in run:
-                c = self.chunks[d]
-                stored = data[c.offset - first.offset: c.offset - first.offset + c.csize]
+        found = sorted(((d, self.chunks[d]) for d in digests), key=lambda dc: (dc[1].blob, dc[1].offset))
+        digest_of = {id(c): d for d, c in found}
+        for run in contiguous_runs(c for _, c in found):
+            blob = self.blobs[run[0].blob]
+            for c, stored in read_run(self.source_of(blob.digest), blob.digest, run):  # type: ignore[arg-type]
+                d = digest_of[id(c)]
                 decode_chunk(stored, Chunk(0, d, 0, c.offset, c.csize, c.usize, c.uoffset), blob.compressor)
                 yield d, stored
 
@@ -245,20 +238,6 @@ class ChunkDict:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _runs(digests: list[bytes], chunks: dict[bytes, DictChunk]) -> list[list[bytes]]:
-    runs: list[list[bytes]] = []
-    for d in digests:
-        c = chunks[d]
-        if runs:
-            first, last = chunks[runs[-1][0]], chunks[runs[-1][-1]]
-            if (last.blob == c.blob and c.offset == last.offset + last.csize
-                    and c.offset + c.csize - first.offset <= MAX_RANGE):
-                runs[-1].append(d)
-                continue
-        runs.append([d])
-    return runs
 
 
 def build_dict(refs: Iterable[str], path: str, registry: RegistryOptions | None = None,

@@ -19,6 +19,7 @@ from typing import BinaryIO
 
 from naiad.errors import InvalidLayerError
 from naiad.format.compression import Codec
+from naiad.oci.digest import read_exact
 
 
 class Spool:
@@ -86,7 +87,7 @@ class ChunkStore:
         remaining = size
         while remaining > 0:
             n = min(self.chunk_size, remaining)
-            data = _read_exact(stream, n)
+            data = read_exact(stream, n)
             if len(data) != n:
                 raise InvalidLayerError(f"{what}: file data ends {remaining - len(data)} bytes early")
             remaining -= n
@@ -133,18 +134,3 @@ class ChunkStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(spool.path)
         self._spools.clear()
-
-
-def _read_exact(stream: BinaryIO, n: int) -> bytes:
-    data = stream.read(n)
-    if len(data) == n or not data:
-        return data
-    parts = [data]
-    got = len(data)
-    while got < n:
-        more = stream.read(n - got)
-        if not more:
-            break
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)

@@ -24,12 +24,11 @@ from naiad.format import spec
 from naiad.format.bootstrap import UNCOMPRESSED_ALIGN, Chunk, ChunkMove, rewrite
 from naiad.format.chunk import decode_chunk
 from naiad.oci.copy import copy_blob
-from naiad.oci.image import Descriptor, ImageSource, Platform, RegistryOptions, source_for
+from naiad.oci.image import Descriptor, Platform, RegistryOptions, source_for
 from naiad.oci.layout import OCILayout
 from naiad.oci.reference import Reference
 from naiad.storage.image import NaiadImage
-
-MAX_RANGE = 16 << 20
+from naiad.storage.ranges import contiguous_runs, read_run
 
 # A prefetch entry: a path, and the index of one chunk of it (None: the whole file).
 Entry = tuple[str, int | None]
@@ -119,12 +118,9 @@ def _write_hot_blob(img: NaiadImage, hot: list[Chunk], blob_id: int,
     moves: list[ChunkMove] = []
     offset = uoffset = 0
     with open(path, "wb") as out:
-        for run in _runs(hot):
+        for run in contiguous_runs(hot):
             blob = img.blobs[run[0].blob]
-            start = run[0].offset
-            data = _read(img.source, blob.digest, start, run[-1].offset + run[-1].csize - start)
-            for c in run:
-                stored = data[c.offset - start: c.offset - start + c.csize]
+            for c, stored in read_run(img.source, blob.digest, run):  # type: ignore[arg-type]
                 decode_chunk(stored, c, blob.compressor)  # nothing unverified goes into a blob
                 out.write(stored)
                 h.update(stored)
@@ -135,23 +131,3 @@ def _write_hot_blob(img: NaiadImage, hot: list[Chunk], blob_id: int,
                       {spec.ANNOTATION_BLOB: str(spec.FORMAT_VERSION)})
     layout.put_blob_file(path, desc)
     return desc, moves
-
-
-def _runs(chunks: list[Chunk]) -> list[list[Chunk]]:
-    """Consecutive chunks that sit back to back in one source blob, to read with one request."""
-    runs: list[list[Chunk]] = []
-    for c in chunks:
-        last = runs[-1][-1] if runs else None
-        if (last is not None and last.blob == c.blob and c.offset == last.offset + last.csize
-                and c.offset + c.csize - runs[-1][0].offset <= MAX_RANGE):
-            runs[-1].append(c)
-        else:
-            runs.append([c])
-    return runs
-
-
-def _read(source: ImageSource, digest: str, offset: int, size: int) -> bytes:
-    data = source.read_range(digest, offset, size)  # type: ignore[attr-defined]
-    if len(data) != size:
-        raise NaiadError(f"blob {digest}: short read at {offset} ({len(data)} of {size} bytes)")
-    return data

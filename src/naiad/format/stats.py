@@ -11,7 +11,7 @@ from naiad.format.bootstrap import Bootstrap
 def bootstrap_stats(bs: Bootstrap) -> dict[str, Any]:
     kinds: dict[str, int] = {"files": 0, "dirs": 0, "symlinks": 0, "other": 0}
     for (mode, n) in bs.query("SELECT mode & ?, count(*) FROM inodes GROUP BY mode & ?",
-                              (stat.S_IFMT(0o170000), stat.S_IFMT(0o170000))):
+                              (0o170000, 0o170000)):
         key = {stat.S_IFREG: "files", stat.S_IFDIR: "dirs", stat.S_IFLNK: "symlinks"}.get(mode, "other")
         kinds[key] += n
     file_bytes = bs.query("SELECT coalesce(sum(size), 0) FROM inodes WHERE mode & ? = ?",

@@ -1,4 +1,4 @@
-"""sha256 digests: parsing, and streams that verify what passes through them."""
+"""sha256 digests: parsing, and streams that verify what passes through them (plus exact reads)."""
 
 from __future__ import annotations
 
@@ -84,3 +84,15 @@ class HashingReader(io.RawIOBase):
     def close(self) -> None:
         self._raw.close()
         super().close()
+
+
+def read_exact(stream: BinaryIO | HashingReader, n: int) -> bytes:
+    """`n` bytes from `stream`, fewer only at its end (a single read() may return less)."""
+    parts = []
+    while n > 0:
+        block = stream.read(n)
+        if not block:
+            break
+        parts.append(block)
+        n -= len(block)
+    return b"".join(parts)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from naiad.errors import NaiadError
 from naiad.format.bootstrap import Chunk
 from naiad.format.chunk import decode_chunk
-from naiad.oci.digest import HashingReader
+from naiad.oci.digest import HashingReader, read_exact
 from naiad.storage.image import NaiadImage
 
 MAX_REPORTED = 20
@@ -40,7 +40,7 @@ def _check_blob(img: NaiadImage, blob_id: int, chunks: list[Chunk],
             for chunk in chunks:
                 if chunk.offset > pos:
                     reader.read(chunk.offset - pos)
-                stored = _read_exact(reader, chunk.csize)
+                stored = read_exact(reader, chunk.csize)
                 pos = chunk.offset + len(stored)
                 if advance:
                     advance(len(stored))
@@ -61,14 +61,3 @@ def _users(img: NaiadImage, chunk: Chunk) -> str:
     paths = [img.bootstrap.path_of(ino) for ino in inos[:3]]
     more = f" and {len(inos) - 3} more" if len(inos) > 3 else ""
     return ", ".join(paths) + more if paths else "no file"
-
-
-def _read_exact(reader: HashingReader, n: int) -> bytes:
-    parts = []
-    while n > 0:
-        block = reader.read(n)
-        if not block:
-            break
-        parts.append(block)
-        n -= len(block)
-    return b"".join(parts)

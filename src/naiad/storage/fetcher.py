@@ -18,23 +18,16 @@ import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Protocol
 
 from naiad.errors import NaiadError
 from naiad.format.bootstrap import Blob, Bootstrap, Chunk
 from naiad.format.chunk import decode_chunk
 from naiad.storage.cache import ChunkCache
+from naiad.storage.ranges import RangeReader, contiguous_runs
 
 log = logging.getLogger(__name__)
 
 DEFAULT_AMPLIFY = 1 << 20
-MAX_REQUEST = 16 << 20
-
-
-class RangeReader(Protocol):
-    """A storage backend: registry, local layout, or the node's peer daemon."""
-
-    def read_range(self, digest: str, offset: int, size: int) -> bytes: ...
 
 
 class FetchError(NaiadError):
@@ -141,15 +134,7 @@ class ChunkFetcher:
             items.sort(key=lambda c: c.offset)
             if amplify:
                 items = self._amplified(blob_id, items)
-            run: list[Chunk] = []
-            for c in items:
-                if run and (c.offset != run[-1].offset + run[-1].csize
-                            or c.offset + c.csize - run[0].offset > MAX_REQUEST):
-                    groups.append(run)
-                    run = []
-                run.append(c)
-            if run:
-                groups.append(run)
+            groups.extend(contiguous_runs(items))
         return [(self.blobs[g[0].blob], g) for g in groups]
 
     def _amplified(self, blob_id: int, items: list[Chunk]) -> list[Chunk]:
