@@ -223,7 +223,7 @@ class ChunkDict:
         digest_of = {id(c): d for d, c in found}
         for run in contiguous_runs(c for _, c in found):
             blob = self.blobs[run[0].blob]
-            for c, stored in read_run(self.source_of(blob.digest), blob.digest, run):  # type: ignore[arg-type]
+            for c, stored in read_run(self.source_of(blob.digest), blob.digest, run):
                 d = digest_of[id(c)]
                 decode_chunk(stored, Chunk(0, d, 0, c.offset, c.csize, c.usize, c.uoffset), blob.compressor)
                 yield d, stored

@@ -120,7 +120,7 @@ def _write_hot_blob(img: NaiadImage, hot: list[Chunk], blob_id: int,
     with open(path, "wb") as out:
         for run in contiguous_runs(hot):
             blob = img.blobs[run[0].blob]
-            for c, stored in read_run(img.source, blob.digest, run):  # type: ignore[arg-type]
+            for c, stored in read_run(img.source, blob.digest, run):
                 decode_chunk(stored, c, blob.compressor)  # nothing unverified goes into a blob
                 out.write(stored)
                 h.update(stored)

@@ -109,7 +109,7 @@ def serve(ref: Reference, mountpoint: str, registry: RegistryOptions, options: M
     with source_for(ref, registry) as source:
         img = NaiadImage.open(source, options.platform)
         cache = ChunkCache()
-        fetcher = ChunkFetcher(img.bootstrap, source, cache, amplify=options.amplify)  # type: ignore[arg-type]
+        fetcher = ChunkFetcher(img.bootstrap, source, cache, amplify=options.amplify)
         fs = LazyFS(img.bootstrap, fetcher)
         fuse_options = set(pyfuse3.default_options)
         fuse_options |= {"fsname=naiad", "subtype=naiad", "ro", "default_permissions"}

@@ -124,5 +124,15 @@ class DockerArchive:
             raise NotFoundError(f"{self.ref}: no blob {desc.digest}")
         return _Member(self.path, *self._member(name))  # type: ignore[return-value]
 
+    def read_range(self, digest: str, offset: int, size: int) -> bytes:
+        name = self._by_digest.get(digest)
+        if name is None:
+            raise NotFoundError(f"{self.ref}: no blob {digest}")
+        start, length = self._member(name)
+        if offset >= length:
+            return b""
+        with _Member(self.path, start + offset, min(size, length - offset)) as m:
+            return m.read()
+
     def close(self) -> None:
         pass

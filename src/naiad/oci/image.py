@@ -94,6 +94,10 @@ class ImageSource(Protocol):
         """A stream of the blob's bytes; unverified (wrap it in a HashingReader)."""
         ...
 
+    def read_range(self, digest: str, offset: int, size: int) -> bytes:
+        """`size` bytes of blob `digest` from `offset` (fewer at its end); unverified."""
+        ...
+
     def close(self) -> None: ...
 
 

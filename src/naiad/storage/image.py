@@ -59,7 +59,7 @@ class NaiadImage:
     def read_chunk(self, chunk: Chunk) -> bytes:
         """One chunk, fetched with a range read and verified."""
         blob = self.blobs[chunk.blob]
-        stored = self.source.read_range(blob.digest, chunk.offset, chunk.csize)  # type: ignore[attr-defined]
+        stored = self.source.read_range(blob.digest, chunk.offset, chunk.csize)
         return decode_chunk(stored, chunk, blob.compressor)
 
     def close(self) -> None:
