@@ -1,13 +1,16 @@
 """The `naiad` command line: argument parsing, progress bars, output and exit codes.
 
 Business logic lives in the rooms (builder, storage, fs, oci); each command
-here parses, calls one function, and prints.
+here parses, calls one function, and prints. The daemons' commands (snapshotter,
+p2p) live in sibling modules of this package, each adding its subcommands to the
+parser through `add_parsers(sub, parents)`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -475,6 +478,14 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 # --- parser ---------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class CommonParents:
+    """Option groups shared by subcommands: pass them as `parents=[...]` to `add_parser`."""
+
+    registry: argparse.ArgumentParser  # --plain-http, --creds, --insecure-skip-tls-verify, --platform
+    json: argparse.ArgumentParser  # --json
+
+
 def build_parser() -> argparse.ArgumentParser:
     refs = ("References: oci:PATH[:TAG], docker-archive:FILE, docker://HOST[:PORT]/REPO[:TAG|@DIGEST] "
             "or HOST/REPO[:TAG].")
@@ -646,6 +657,12 @@ def build_parser() -> argparse.ArgumentParser:
     # Not REMAINDER: options written after TARGET must stay options; the command goes after "--".
     p.add_argument("command_args", nargs="*", metavar="-- CMD", help="command to run (after '--')")
     p.set_defaults(func=cmd_optimize)
+
+    from naiad.cli import p2p, snapshotter
+
+    parents = CommonParents(registry=reg, json=out)
+    snapshotter.add_parsers(sub, parents)
+    p2p.add_parsers(sub, parents)
     return parser
 
 
