@@ -62,6 +62,8 @@ class Context:
     repo: Path  # the naiad checkout
     log: Callable[[str], None]
     report: Path | None = None  # the report being written (None: --no-report); put plots beside it
+    workloads: tuple[str, ...] = ()  # --workload: the workloads to run (empty: the benchmark's default)
+    networks: tuple[str, ...] = ()  # --networks: registry egress rates, e.g. "unshaped", "100mbit"
 
     def artifact(self, suffix: str) -> Path | None:
         """A file beside the report, e.g. `artifact("coldstart.png")` → results/DATE-NAME-coldstart.png."""

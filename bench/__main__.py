@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"run only these benchmarks ({', '.join(registry)})")
     parser.add_argument("--reps", type=int,
                         help="repetitions where a benchmark repeats (default: 3, quick: 1)")
+    parser.add_argument("--workload", nargs="+", default=[], metavar="NAME",
+                        help="coldstart: these workloads only (torchapp, nodeapp, djangoapp; default: all, "
+                             "quick: quickapp)")
+    parser.add_argument("--networks", nargs="+", default=[], metavar="RATE",
+                        help="coldstart: these registry egress rates only (unshaped, 100mbit, 1gbit, ...)")
     parser.add_argument("--name", help="report name (default: quick or full)")
     parser.add_argument("--no-report", action="store_true", help="print the tables only")
     args = parser.parse_args(argv)
@@ -46,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     if out:
         out.parent.mkdir(exist_ok=True)
     ctx = Context(quick=args.quick, reps=args.reps or (1 if args.quick else 3), cache=cache, repo=REPO,
-                  log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True), report=out)
+                  log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True), report=out,
+                  workloads=tuple(args.workload), networks=tuple(args.networks))
 
     sections: list[str] = []
     failed: list[str] = []

@@ -2,18 +2,26 @@
 
 A lab (`bench/netlab.py`) runs a real registry in a network namespace of its
 own, behind a veth whose egress is limited with tbf; the client commands run
-in a node namespace. The workload is pushed once as an OCI image (`skopeo
-copy`, `REPO:v1`) and as a naiad image (`naiad convert`, `REPO:v1-naiad`).
-Then, per network (unshaped, 100 Mbit/s, 1 Gbit/s; `--quick`: unshaped) and
-repetition, each method runs once, in an order rotated every repetition. Every
-run is cold: its content and caches are removed and the page cache dropped
-(`sync; echo 3 > /proc/sys/vm/drop_caches`) right before it.
+in a node namespace. Each workload (`WORKLOADS`; `--workload` picks some) is
+pushed once as an OCI image (`skopeo copy`, `REPO:v1`) and as a naiad image
+(`naiad convert`, `REPO:v1-naiad`) into a lab of its own. Then, per network
+(torchapp: unshaped, 100 Mbit/s, 1 Gbit/s; the other workloads: unshaped and
+100 Mbit/s; `--quick`: unshaped; `--networks` overrides) and repetition, each
+method runs once, in an order rotated every repetition. Every run is cold: its
+content and caches are removed and the page cache dropped (`sync; echo 3 >
+/proc/sys/vm/drop_caches`) right before it.
 
-- `oci`: `skopeo copy docker://REG/REPO:v1 oci:DIR:x`, `umoci raw unpack`, then
-  the entrypoint chrooted into the rootfs; pull, unpack and run are timed
-  apart. (`raw unpack`: plain `umoci unpack` also writes an mtree manifest of
-  every file, hashing the whole rootfs again for a later repack; that is no
-  part of pulling an image and doubled the unpack time here.)
+- `oci`: a private containerd (`tests/containerd_server.py`: own root, state and
+  socket, fresh for every run, so no content, snapshots or images survive) in
+  the node namespace with the overlayfs snapshotter: `ctr image pull
+  --plain-http REG/REPO:v1`, then `ctr run --rm` until the ready line. The pull
+  is split at its "unpacking" line into fetch and unpack; run is timed apart.
+- `naiad-containerd`: the same containerd with the naiad snapshotter as a proxy
+  plugin (`naiad snapshotter --address SOCK --root DIR --plain-http`, started
+  for the run with a NAIAD_HOME of its own): `ctr-remote image rpull
+  --plain-http --snapshotter naiad REG/REPO:v1-naiad`, then `ctr run
+  --snapshotter naiad --rm`; skipped with a note while `naiad snapshotter` is
+  not built.
 - `naiad-lazy`: `naiad run --plain-http REG/REPO:v1-naiad` (a runc container
   on an overlay of the lazy mount) when `naiad run` exists; else the mount path:
 - `naiad-mount`: `naiad mount --plain-http REF MNT` and the same chrooted run
@@ -33,9 +41,12 @@ mount namespace, whatever happens. Registry bytes are the registry veth's
 `tx_bytes` (headers included) from the first command to the ready line; naiad's
 own `bytes_fetched` etc. come from `naiad stats --json` a moment later.
 
-The full run uses torchapp (entrypoint `/opt/venv/bin/python /app/main.py`);
+Workloads (`bench/images.py`): torchapp (entrypoint `/opt/venv/bin/python
+/app/main.py`), nodeapp (an Express app on Debian's Node.js) and djangoapp
+(Django + sympy + botocore from Debian packages: very many small files);
 `--quick` the quickapp image (the standard library plus this Python's
-interpreter; it imports a few modules and prints `ready`).
+interpreter; it imports a few modules and prints `ready`). Each declares its
+ready line.
 """
 
 from __future__ import annotations
@@ -48,9 +59,10 @@ import resource
 import select
 import shlex
 import shutil
+import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from bench import BenchError, Context, Table, benchmark
@@ -65,18 +77,31 @@ from bench.harness import (
     scratch,
     spread,
 )
-from bench.images import Image, image_config, layer_sizes, quickapp, torchapp
-from bench.netlab import Lab, lab, process_cpu, rate_name
+from bench.images import (
+    DEBIAN_APPS,
+    TORCHAPP_TAG,
+    Image,
+    debian_app,
+    image_config,
+    layer_sizes,
+    quickapp,
+    torchapp,
+)
+from bench.netlab import Lab, lab, parse_rate, process_cpu, rate_name
+from tests.containerd_server import PROXY_PLUGIN, Containerd
 
 READY_TIMEOUT = 900.0  # seconds from a method's start to its ready line
 AFTER_READY_TIMEOUT = 60.0  # how long the app may keep running after its ready line
 STATS_SETTLE = 1.2  # naiad mount daemons refresh stats.json every second
+SNAPSHOTTER_START_TIMEOUT = 30.0  # seconds for `naiad snapshotter` to make its socket
 
-METHODS = ("oci", "naiad-lazy", "naiad-mount", "naiad-optimized", "floor-warm", "floor-cold")
+METHODS = ("oci", "naiad-containerd", "naiad-lazy", "naiad-mount", "naiad-optimized", "floor-warm",
+           "floor-cold")
 RUN_LABEL = "`naiad run`"
 MOUNT_LABEL = "`naiad mount` + chroot on overlayfs"
 LABELS = {
-    "oci": "oci: skopeo copy + umoci raw unpack + chroot run",
+    "oci": "oci: containerd, overlayfs: `ctr image pull` + `ctr run --rm`",
+    "naiad-containerd": "naiad-containerd: `ctr-remote image rpull` + `ctr run`, naiad snapshotter",
     "naiad-lazy": "naiad-lazy: {how}",
     "naiad-mount": f"naiad-mount: {MOUNT_LABEL} (no runc; for its stats)",
     "naiad-optimized": "naiad-optimized: {how} of the optimized image",
@@ -85,10 +110,31 @@ LABELS = {
 }
 NETWORKS_FULL: tuple[int | None, ...] = (None, 100 * 10**6, 10**9)
 NETWORKS_QUICK: tuple[int | None, ...] = (None,)
+NETWORKS_EXTRA: tuple[int | None, ...] = (None, 100 * 10**6)  # workloads beside torchapp: keep the run short
 # Issue 3's targets for naiad lazy on torchapp.
 TARGET_SECONDS = {None: 2.5, 100 * 10**6: 8.0}
 TARGET_BYTES_SHARE = 0.25
 TARGET_SPEEDUP = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkloadSpec:
+    """A workload the benchmark knows: how to get its image, its ready line, the networks it runs on."""
+
+    image: Callable[[Context], Image]
+    ready: str
+    networks: tuple[int | None, ...]
+
+
+def _debian_spec(name: str) -> WorkloadSpec:
+    return WorkloadSpec(lambda ctx: debian_app(ctx, name), DEBIAN_APPS[name].ready, NETWORKS_EXTRA)
+
+
+WORKLOADS: dict[str, WorkloadSpec] = {  # the full run's, in order
+    TORCHAPP_TAG: WorkloadSpec(torchapp, "ready", NETWORKS_FULL),
+    **{name: _debian_spec(name) for name in DEBIAN_APPS},
+}
+QUICK_WORKLOADS: dict[str, WorkloadSpec] = {"quickapp": WorkloadSpec(quickapp, "ready", NETWORKS_QUICK)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +146,7 @@ class Workload:
     argv: list[str]
     env: dict[str, str]
     cwd: str
-    ready: str = "ready"
+    ready: str  # the start of the line the app prints when it is ready
 
 
 @dataclasses.dataclass
@@ -110,7 +156,7 @@ class Sample:
     method: str
     network: int | None
     ready: float  # seconds from the first command to the ready line
-    parts: dict[str, float] = dataclasses.field(default_factory=dict)  # e.g. pull/unpack/run
+    parts: dict[str, float] = dataclasses.field(default_factory=dict)  # e.g. fetch/unpack/run
     registry_bytes: int | None = None  # sent by the registry until the ready line
     settled_bytes: int | None = None  # ... until the stats were read (a moment later)
     stats: dict | None = None  # `naiad stats --json` of the mount
@@ -148,22 +194,48 @@ class Setup:
 
     oci_ref: str
     naiad_ref: str
-    optimized_ref: str | None  # None: not measured, `optimized_status` says why
-    optimized_status: str
+    optimized_ref: str | None  # None: not measured, `skipped` says why
+    use_snapshotter: bool  # `naiad snapshotter` and ctr-remote exist: naiad-containerd is measured
+    skipped: dict[str, str]  # method -> why it was not measured
     oci_bytes: int  # compressed layers of the OCI image
     naiad_bytes: int  # data blobs + bootstrap of the naiad image
     uncompressed: int
+    files: int  # regular files in the image, and their bytes (from `naiad inspect`)
+    file_bytes: int
     use_run: bool  # `naiad run` exists (else: naiad mount + chroot on overlayfs)
     notes: list[str]
 
 
-@benchmark("coldstart", "Cold start to the ready line: plain OCI vs naiad lazy, on a shaped network")
+@benchmark("coldstart", "Cold start to the ready line: containerd vs naiad lazy, on a shaped network")
 def run(ctx: Context) -> list[Table]:
-    require_tools("skopeo", "umoci", "unshare", "mount", "fusermount3", why="the coldstart benchmark")
+    require_tools("skopeo", "umoci", "unshare", "mount", "fusermount3", "containerd", "ctr", "runc",
+                  why="the coldstart benchmark")
     if os.geteuid() != 0:
         raise BenchError("the coldstart benchmark needs root (network namespaces, mounts, drop_caches)")
-    wl = workload(ctx)
-    networks = NETWORKS_QUICK if ctx.quick else NETWORKS_FULL
+    selected = selected_workloads(ctx)
+    rates = tuple(parse_rate(n) for n in ctx.networks)
+    # Every image first (built when absent): a failing build should not come after a long run.
+    loaded = [(workload(ctx, name, spec), rates or spec.networks) for name, spec in selected.items()]
+    tables: list[Table] = []
+    for wl, networks in loaded:
+        ctx.log(f"coldstart: workload {wl.name}, networks {', '.join(map(rate_name, networks))}")
+        tables += run_workload(ctx, wl, networks)
+    return tables
+
+
+def selected_workloads(ctx: Context) -> dict[str, WorkloadSpec]:
+    """`--workload`'s choice, else all of WORKLOADS (`--quick`: quickapp)."""
+    known = {**WORKLOADS, **QUICK_WORKLOADS}
+    if not ctx.workloads:
+        return QUICK_WORKLOADS if ctx.quick else WORKLOADS
+    unknown = [w for w in ctx.workloads if w not in known]
+    if unknown:
+        raise BenchError(f"unknown workload {', '.join(unknown)}; known: {', '.join(known)}")
+    return {w: known[w] for w in ctx.workloads}
+
+
+def run_workload(ctx: Context, wl: Workload, networks: Sequence[int | None]) -> list[Table]:
+    """Every method on every network, `ctx.reps` times, for one workload in a lab of its own."""
     samples: list[Sample] = []
     with scratch("coldstart") as tmp:
         try:
@@ -172,11 +244,14 @@ def run(ctx: Context) -> list[Table]:
                 floor_root = tmp / "floor"
                 unpack(f"{wl.image.layout}:{wl.image.tag}", floor_root)
                 methods: dict[str, Callable[[Path], list[Sample]]] = {
-                    "oci": lambda w: [measure_oci(the_lab, wl, setup, w)],
+                    "oci": lambda w: [measure_containerd(the_lab, wl, setup.oci_ref, w, "oci")],
                     "naiad-lazy": lambda w: [measure_naiad(the_lab, wl, setup.naiad_ref, setup.use_run, w,
                                                            "naiad-lazy")],
                     "floor": lambda w: measure_floor(the_lab, wl, floor_root),
                 }
+                if setup.use_snapshotter:
+                    methods["naiad-containerd"] = lambda w: [
+                        measure_containerd(the_lab, wl, setup.naiad_ref, w, "naiad-containerd")]
                 if setup.use_run:  # the mount path too: it has stats, and shows what runc costs
                     methods["naiad-mount"] = lambda w: [measure_naiad(the_lab, wl, setup.naiad_ref, False, w,
                                                                       "naiad-mount")]
@@ -211,15 +286,15 @@ def run(ctx: Context) -> list[Table]:
 # --- setup -------------------------------------------------------------------
 
 
-def workload(ctx: Context) -> Workload:
-    image = quickapp(ctx) if ctx.quick else torchapp(ctx)
+def workload(ctx: Context, name: str, spec: WorkloadSpec) -> Workload:
+    image = spec.image(ctx)
     config = image_config(image)
     argv = list(config.get("Entrypoint") or []) + list(config.get("Cmd") or [])
     if not argv:
         raise BenchError(f"{image.ref} has neither Entrypoint nor Cmd")
     env = dict(e.split("=", 1) for e in config.get("Env") or [] if "=" in e)
     env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-    return Workload(image.tag, image, argv, env, config.get("WorkingDir") or "/")
+    return Workload(name, image, argv, env, config.get("WorkingDir") or "/", spec.ready)
 
 
 def push_images(ctx: Context, the_lab: Lab, wl: Workload, tmp: Path) -> Setup:
@@ -243,12 +318,24 @@ def push_images(ctx: Context, the_lab: Lab, wl: Workload, tmp: Path) -> Setup:
     oci_bytes = sum(layer.compressed for layer in layers)
     naiad_bytes = inspect["stored_bytes"] + inspect["bootstrap"]["size"]
 
+    skipped: dict[str, str] = {}
+    use_snapshotter = has_command("snapshotter") and shutil.which("ctr-remote") is not None
+    if use_snapshotter:
+        notes.append(f"naiad-containerd: `naiad snapshotter --address SOCK --root DIR --plain-http` (own "
+                     f"NAIAD_HOME, started per run, untimed) as containerd's proxy snapshotter "
+                     f"{PROXY_PLUGIN!r}; `ctr-remote image rpull --plain-http --snapshotter {PROXY_PLUGIN} "
+                     f"{naiad_ref}` + `ctr run --snapshotter {PROXY_PLUGIN} --rm`.")
+    else:
+        why = ("`naiad snapshotter --help` fails in this checkout" if not has_command("snapshotter")
+               else "ctr-remote is not installed")
+        skipped["naiad-containerd"] = "skipped: " + ("not built yet" if "naiad" in why else why)
+        notes.append(f"naiad-containerd: skipped, {why}.")
     use_run = has_command("run")
     notes.append("naiad-lazy ran as `naiad run --plain-http REF` (the image's entrypoint in a runc "
                  "container); naiad-mount is the mount path beside it." if use_run else
                  "naiad-lazy ran as `naiad mount --plain-http REF MNT` + the chrooted run on an overlayfs "
                  "over MNT (`naiad run` does not exist yet in this checkout).")
-    optimized_ref, optimized_status = None, "skipped: not built yet"
+    optimized_ref = None
     if has_command("optimize"):
         target = f"{reg}/{wl.name}:v1-naiad-opt"
         t3 = time.perf_counter()
@@ -256,7 +343,7 @@ def push_images(ctx: Context, the_lab: Lab, wl: Workload, tmp: Path) -> Setup:
             run_measured(the_lab.node_argv(naiad_argv("optimize", "--plain-http", naiad_ref, target, "--",
                                                       *wl.argv)), env=env)
         except BenchError as e:
-            optimized_status = "skipped: `naiad optimize` failed"
+            skipped["naiad-optimized"] = "skipped: `naiad optimize` failed"
             notes.append(f"naiad-optimized: skipped, `naiad optimize` failed: {' '.join(str(e).split())}")
             ctx.log(f"coldstart: naiad optimize failed: {e}")
         else:
@@ -265,12 +352,14 @@ def push_images(ctx: Context, the_lab: Lab, wl: Workload, tmp: Path) -> Setup:
                          f"({time.perf_counter() - t3:.1f} s, untimed setup), then measured like naiad-lazy.")
             ctx.log(f"coldstart: optimized into {target} ({time.perf_counter() - t3:.1f} s)")
     else:
+        skipped["naiad-optimized"] = "skipped: not built yet"
         notes.append("naiad-optimized: skipped, not built yet (`naiad optimize --help` fails in this "
                      "checkout).")
     cleanup_mounts(home)
     shutil.rmtree(home, ignore_errors=True)
-    return Setup(oci_ref, naiad_ref, optimized_ref, optimized_status, oci_bytes, naiad_bytes,
-                 sum(layer.uncompressed for layer in layers), use_run, notes)
+    return Setup(oci_ref, naiad_ref, optimized_ref, use_snapshotter, skipped, oci_bytes, naiad_bytes,
+                 sum(layer.uncompressed for layer in layers), inspect["files"], inspect["file_bytes"],
+                 use_run, notes)
 
 
 def has_command(name: str) -> bool:
@@ -280,22 +369,78 @@ def has_command(name: str) -> bool:
 # --- methods -----------------------------------------------------------------
 
 
-def measure_oci(the_lab: Lab, wl: Workload, setup: Setup, work: Path) -> Sample:
-    layout, rootfs = work / "oci", work / "rootfs"
-    drop_caches()
-    meter = CpuMeter(the_lab)
-    tx0 = the_lab.registry_tx_bytes()
-    pull = run_measured(the_lab.node_argv(["skopeo", "--insecure-policy", "copy", "--quiet",
-                                           "--src-tls-verify=false", f"docker://{setup.oci_ref}",
-                                           f"oci:{layout}:x"]))
-    tx1 = the_lab.registry_tx_bytes()
-    unpacked = unpack(f"{layout}:x", rootfs)
-    start = time.perf_counter()
-    t_ready = until_ready(chroot_argv(rootfs, wl), wl.env, wl.ready)
-    runtime = t_ready - start
-    return Sample("oci", None, pull.wall + unpacked + runtime,
-                  {"pull": pull.wall, "unpack": unpacked, "run": runtime}, tx1 - tx0, tx1 - tx0,
-                  background=meter.background())
+def measure_containerd(the_lab: Lab, wl: Workload, ref: str, work: Path, method: str) -> Sample:
+    """One cold start through a private containerd in the node namespace: pull, then `ctr run --rm`.
+
+    `oci` pulls with `ctr image pull` into the overlayfs snapshotter, whose "unpacking" line splits
+    the pull into fetch and unpack (ctr fetches every blob, then unpacks). `naiad-containerd` pulls
+    with `ctr-remote image rpull` through a naiad snapshotter started for this run. containerd (and
+    the snapshotter) start untimed with a fresh root, as daemons that run before any pull would.
+    The background load is not known here: containerd, the shim and the app are not our children.
+    """
+    naiad = method == "naiad-containerd"
+    env = dict(os.environ)
+    with contextlib.ExitStack() as stack:
+        socket = stack.enter_context(naiad_snapshotter(the_lab, work)) if naiad else None
+        ctrd = Containerd(work / "containerd", snapshotter_socket=socket, netns=the_lab.node_ns)
+        try:
+            stack.enter_context(ctrd)
+        except RuntimeError as e:  # it did not come up: its log is in the message
+            raise BenchError(str(e)) from None
+        snapshotter = ["--snapshotter", PROXY_PLUGIN] if naiad else []
+        drop_caches()
+        tx0 = the_lab.registry_tx_bytes()
+        start = time.perf_counter()
+        if naiad:
+            run_measured(ctrd.ctr_argv("image", "rpull", "--plain-http", *snapshotter, ref,
+                                       tool="ctr-remote"))
+            pulled = time.perf_counter()
+            parts = {"pull": pulled - start}
+        else:
+            t_unpack = until_ready(ctrd.ctr_argv("image", "pull", "--plain-http", ref), env, "unpacking ",
+                                   after=READY_TIMEOUT)
+            pulled = time.perf_counter()
+            parts = {"fetch": t_unpack - start, "unpack": pulled - t_unpack}
+        t_ready = until_ready(ctrd.ctr_argv("run", "--rm", *snapshotter, ref, f"bench-{the_lab.token}"), env,
+                              wl.ready)
+        tx1 = the_lab.registry_tx_bytes()
+    parts["run"] = t_ready - pulled
+    return Sample(method, None, t_ready - start, parts, tx1 - tx0, tx1 - tx0)
+
+
+@contextlib.contextmanager
+def naiad_snapshotter(the_lab: Lab, work: Path) -> Iterator[str]:
+    """`naiad snapshotter` for one run, in the node namespace (it reads the registry); yields its socket.
+
+    It gets a NAIAD_HOME of its own under `work`, so no cache survives the run; it is ended (its
+    whole session) afterwards, and the caller detaches whatever it left mounted under `work`.
+    """
+    home, root = work / "home", work / "snapshotter"
+    sock, log = work / "snapshotter.sock", work / "snapshotter.log"
+    home.mkdir(exist_ok=True)
+    argv = the_lab.node_argv(naiad_argv("snapshotter", "--address", str(sock), "--root", str(root),
+                                        "--plain-http"))
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(argv, env={**os.environ, "NAIAD_HOME": str(home)}, stdin=subprocess.DEVNULL,
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + SNAPSHOTTER_START_TIMEOUT
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-10:])
+                raise BenchError(f"`naiad snapshotter` made no socket {sock} (exit status {proc.poll()}): "
+                                 f"{tail}")
+            time.sleep(0.05)
+        yield str(sock)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def measure_naiad(the_lab: Lab, wl: Workload, ref: str, use_run: bool, work: Path, method: str) -> Sample:
@@ -377,10 +522,10 @@ def chroot_argv(root: Path, wl: Workload, overlay: tuple[Path, Path, Path] | Non
 
 
 def until_ready(argv: Sequence[str], env: dict[str, str], ready: str,
-                timeout: float = READY_TIMEOUT) -> float:
+                timeout: float = READY_TIMEOUT, after: float = AFTER_READY_TIMEOUT) -> float:
     """Run `argv`; return the `time.perf_counter()` at which it printed a line starting with `ready`.
 
-    The process may go on for up to AFTER_READY_TIMEOUT after that; it must end with status 0.
+    The process may go on for up to `after` seconds after that; it must end with status 0.
     """
     proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, env=env)
@@ -410,12 +555,12 @@ def until_ready(argv: Sequence[str], env: dict[str, str], ready: str,
                 lines.append(raw.decode(errors="replace"))
                 if t_ready is None and raw.startswith(ready.encode()):
                     t_ready = now
-                    deadline = min(deadline, now + AFTER_READY_TIMEOUT)
+                    deadline = min(deadline, now + after)
         if t_ready is None:
             rc = proc.wait()
             raise BenchError(f"`{shlex.join(argv)}` exited with {rc} before printing {ready!r}:\n"
                              + "\n".join(lines[-15:]))
-        rc = proc.wait(timeout=AFTER_READY_TIMEOUT)
+        rc = proc.wait(timeout=after)
         if rc != 0:
             raise BenchError(f"`{shlex.join(argv)}` printed {ready!r} but exited with {rc}:\n"
                              + "\n".join(lines[-15:]))
@@ -486,8 +631,7 @@ def report(ctx: Context, wl: Workload, setup: Setup, networks: Sequence[int | No
                 f"{100 * median(sent) / setup.oci_bytes:.1f}%" if sent else "–",
                 f"{100 * median(sent) / setup.naiad_bytes:.1f}%" if sent else "–",
             ])
-        if setup.optimized_ref is None:
-            rows.append(["naiad-optimized", setup.optimized_status, "–", "–", "–", "–", "–"])
+        rows += [[m, why, "–", "–", "–", "–", "–"] for m, why in setup.skipped.items()]
         tables.append(Table(
             f"{wl.name}, registry egress {rate_name(rate)}: time to the ready line, s, median (min–max) of "
             f"{ctx.reps}",
@@ -498,7 +642,9 @@ def report(ctx: Context, wl: Workload, setup: Setup, networks: Sequence[int | No
         ))
 
     notes = [
-        f"Images: OCI {mb(setup.oci_bytes)} MB compressed ({mb(setup.uncompressed)} MB uncompressed); "
+        f"Images: OCI {mb(setup.oci_bytes)} MB compressed ({mb(setup.uncompressed)} MB uncompressed, "
+        f"{setup.files:,} files of {mb(setup.file_bytes)} MB, "
+        f"{setup.file_bytes / max(setup.files, 1) / 1e3:.1f} kB on average); "
         f"naiad {mb(setup.naiad_bytes)} MB (data blobs + bootstrap). Registry MB: the registry veth's "
         "tx_bytes from the first command to the ready line (HTTP and TCP/IP headers included). "
         "Floor rows do not touch the network.",
@@ -516,18 +662,18 @@ def report(ctx: Context, wl: Workload, setup: Setup, networks: Sequence[int | No
                 runs = [s for s in naiad_runs if s.method == m and s.network == rate]
                 if not runs:
                     continue
-                st = [s.stats for s in runs]
+                st = [s.stats for s in runs if s.stats]
                 rows.append([
                     rate_name(rate), m,
                     spread([s.parts["mount"] for s in runs]),
-                    spread([x["bytes_fetched"] / 1e6 for x in st], "{:.1f}"),
-                    spread([x["requests"] for x in st], "{:.0f}"),
-                    spread([x["chunks_fetched"] for x in st], "{:.0f}"),
-                    spread([x["bytes_served"] / 1e6 for x in st], "{:.1f}"),
-                    spread([x["files_read"] for x in st], "{:.0f}"),
-                    spread([float(x["read_amplification"]) for x in st]),
-                    spread([float(x["fetch_ms_p50"]) for x in st], "{:.0f}"),
-                    spread([float(x["fetch_ms_p99"]) for x in st], "{:.0f}"),
+                    stat_spread(st, "bytes_fetched", "{:.1f}", 1e-6),
+                    stat_spread(st, "requests", "{:.0f}"),
+                    stat_spread(st, "chunks_fetched", "{:.0f}"),
+                    stat_spread(st, "bytes_served", "{:.1f}", 1e-6),
+                    stat_spread(st, "files_read", "{:.0f}"),
+                    stat_spread(st, "read_amplification"),
+                    stat_spread(st, "fetch_ms_p50", "{:.0f}"),
+                    stat_spread(st, "fetch_ms_p99", "{:.0f}"),
                     spread([s.settled_bytes / 1e6 for s in runs if s.settled_bytes is not None], "{:.1f}"),
                     spread([s.daemon_cpu or 0.0 for s in runs]),
                 ])
@@ -543,10 +689,10 @@ def report(ctx: Context, wl: Workload, setup: Setup, networks: Sequence[int | No
              "its start to the ready line."],
         ))
 
-    if not ctx.quick:
+    if wl.name == TORCHAPP_TAG:
         tables.append(targets(setup, networks, samples))
 
-    plot_path = ctx.artifact("coldstart.png")
+    plot_path = ctx.artifact(f"coldstart-{wl.name}.png")
     if plot_path is not None:
         try:
             plot(plot_path, wl, networks, samples, present)
@@ -556,12 +702,19 @@ def report(ctx: Context, wl: Workload, setup: Setup, networks: Sequence[int | No
     return tables
 
 
+def stat_spread(stats: Sequence[dict], key: str, fmt: str = "{:.2f}", scale: float = 1.0) -> str:
+    """Spread of a `naiad stats` field over runs; "–" where the mount does not know it (e.g.
+    `files_read` in kernel mode, where the kernel answers reads)."""
+    values = [float(x[key]) for x in stats if x.get(key) is not None]
+    return spread(values, fmt, scale) if values else "–"
+
+
 def background_note(samples: Sequence[Sample]) -> str:
     loads = [s.background for s in samples if s.background is not None]
     if not loads:
         return ""
     text = ("Background load during the timed runs (machine busy CPU − this benchmark's own, approx.; "
-            f"not known for `naiad run`): {spread(loads)} cores")
+            f"not known for `naiad run` and containerd, whose work runs in daemons): {spread(loads)} cores")
     if max(loads) > 0.25:
         text += " — **the machine was not quiet; timings are inflated**"
     return text + "."

@@ -9,6 +9,11 @@
 - `quickapp`: `small` plus a second layer with this Python's interpreter and
   the shared libraries it links (from `ldd`), whose entrypoint imports a few
   modules and prints `ready`: a runnable image for `--quick` cold starts.
+- `nodeapp`, `djangoapp` (`DEBIAN_APPS`): workloads of other shapes, built like
+  torchapp from Debian packages by `bench/images/debapp.sh` (debootstrap
+  minbase, `apt-get install` in the chroot, the app from `bench/images/NAME/`):
+  an Express app on Node.js, and a Django + sympy + botocore app whose image
+  has very many small files.
 
 `layer_sizes()` returns each layer's compressed and uncompressed (tar) size;
 the uncompressed size is found by decompressing the layer once and is cached
@@ -33,6 +38,7 @@ from bench.harness import blob_path, has_tag, manifest, require_tools
 TORCHAPP_TAG = "torchapp"
 SMALL_TAG = "small"
 QUICKAPP_TAG = "quickapp"
+IMAGES_DIR = Path(__file__).resolve().parent / "images"  # build scripts and the apps' files
 QUICKAPP_CODE = "import argparse, decimal, email.message, http.client, json; print('ready', flush=True)"
 
 
@@ -71,18 +77,58 @@ def torchapp(ctx: Context) -> Image:
     if not script.is_file():
         raise BenchError(f"cannot build the torchapp image: {script} not found (set $NAIAD_TORCHAPP_SCRIPT, "
                          "or $NAIAD_BENCH_TORCHAPP to a built OCI layout)")
+    return _build_with_script(ctx, "torchapp", [str(script), str(outdir)], layout, TORCHAPP_TAG,
+                              "or set $NAIAD_BENCH_TORCHAPP to an OCI layout built by it")
+
+
+@dataclasses.dataclass(frozen=True)
+class DebianApp:
+    """A workload image built from Debian packages by `images/debapp.sh`, its app from `images/NAME/`."""
+
+    name: str
+    packages: tuple[str, ...]
+    entrypoint: tuple[str, ...]
+    ready: str  # the start of the line the app prints when it is ready
+
+
+DEBIAN_APPS = {app.name: app for app in (
+    DebianApp("nodeapp", ("nodejs", "node-express", "node-lodash", "node-js-yaml", "node-semver",
+                          "node-commander", "node-debug"),
+              ("/usr/bin/node", "/app/main.js"), "ready nodeapp"),
+    DebianApp("djangoapp", ("python3", "python3-django", "python3-sympy", "python3-botocore", "python3-yaml",
+                            "python3-jinja2", "python3-babel", "python3-pygments"),
+              ("/usr/bin/python3", "-u", "/app/main.py"), "ready"),
+)}
+
+
+def debian_app(ctx: Context, name: str) -> Image:
+    """A `DEBIAN_APPS` workload from $NAIAD_BENCH_CACHE/NAME/oci, built there when absent (minutes)."""
+    app = DEBIAN_APPS[name]
+    layout = ctx.cache / name / "oci"
+    if has_tag(layout, name):
+        return Image(layout, name)
+    script = IMAGES_DIR / "debapp.sh"
+    # One debootstrap for all of them: the same base layer, as images built on one base share it.
+    env = {**os.environ, "DEBAPP_CACHE": str(ctx.cache / "debian-base")}
+    return _build_with_script(ctx, name, [str(script), str(layout.parent), name, str(IMAGES_DIR / name),
+                                          " ".join(app.packages), *app.entrypoint], layout, name, env=env)
+
+
+def _build_with_script(ctx: Context, name: str, argv: list[str], layout: Path, tag: str,
+                       alternative: str = "", env: dict[str, str] | None = None) -> Image:
+    """Run an image build script that writes `layout` (as root; log: $NAIAD_BENCH_CACHE/NAME-build.log)."""
     if os.geteuid() != 0:
-        raise BenchError(f"building the torchapp image needs root ({script}); or set $NAIAD_BENCH_TORCHAPP "
-                         "to an OCI layout built by it")
-    require_tools("debootstrap", "umoci", why="building the torchapp image")
-    log = ctx.cache / "torchapp-build.log"
-    ctx.log(f"building the torchapp image into {outdir} (several minutes; log: {log})")
-    outdir.mkdir(parents=True, exist_ok=True)
+        hint = f"; {alternative}" if alternative else ""
+        raise BenchError(f"building the {name} image needs root ({argv[0]}){hint}")
+    require_tools("debootstrap", "umoci", why=f"building the {name} image")
+    log = ctx.cache / f"{name}-build.log"
+    ctx.log(f"building the {name} image into {layout.parent} (several minutes; log: {log})")
+    layout.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as f:
-        rc = subprocess.run(["bash", str(script), str(outdir)], stdout=f, stderr=subprocess.STDOUT).returncode
-    if rc != 0 or not has_tag(layout, TORCHAPP_TAG):
-        raise BenchError(f"{script} {outdir} failed (exit {rc}); see {log}")
-    return Image(layout, TORCHAPP_TAG)
+        rc = subprocess.run(["bash", *argv], stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    if rc != 0 or not has_tag(layout, tag):
+        raise BenchError(f"{' '.join(argv[:2])} failed (exit {rc}); see {log}")
+    return Image(layout, tag)
 
 
 def small(ctx: Context) -> Image:

@@ -35,7 +35,9 @@ class Containerd:
     `snapshotter_socket` registers a proxy snapshotter named "naiad" there.
     `cri` keeps the CRI plugin (off by default: it wants CNI and is slow to
     start) and points it at that snapshotter with snapshot annotations on.
-    `netns` runs containerd inside that network namespace (`ip netns`).
+    `netns` runs containerd (and `ctr`) inside that network namespace (`ip netns`), with
+    `nsenter --net` rather than `ip netns exec`: the latter remounts /sys in a mount namespace
+    of its own, which hides the cgroup mounts runc needs and the snapshots' mounts from the caller.
     """
 
     def __init__(self, base: Path, *, snapshotter_socket: str | None = None, cri: bool = False,
@@ -89,9 +91,7 @@ class Containerd:
         self.base.mkdir(parents=True, exist_ok=True)
         conf = self.base / "config.toml"
         conf.write_text(self.config())
-        argv = ["containerd", "--config", str(conf)]
-        if self.netns:
-            argv = ["ip", "netns", "exec", self.netns, *argv]
+        argv = self._in_netns(["containerd", "--config", str(conf)])
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          start_new_session=True)
@@ -116,12 +116,17 @@ class Containerd:
         except FileNotFoundError:
             return ""
 
+    def _in_netns(self, argv: list[str]) -> list[str]:
+        return ["nsenter", f"--net=/run/netns/{self.netns}", "--", *argv] if self.netns else argv
+
+    def ctr_argv(self, *args: str, tool: str = "ctr") -> list[str]:
+        """The command line of `ctr` (or `ctr-remote`) against this instance, for callers that run it."""
+        return self._in_netns([tool, "--address", self.address, "--namespace", self.namespace, *args])
+
     def ctr(self, *args: str, check: bool = True, timeout: float = 300.0,
             tool: str = "ctr", input: bytes | None = None) -> subprocess.CompletedProcess[str]:
         """Run `ctr` (or `ctr-remote`) against this instance, in its namespace."""
-        argv = [tool, "--address", self.address, "--namespace", self.namespace, *args]
-        if self.netns:
-            argv = ["ip", "netns", "exec", self.netns, *argv]
+        argv = self.ctr_argv(*args, tool=tool)
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                               input=input.decode() if input is not None else None)
         if check and proc.returncode != 0:
