@@ -59,16 +59,17 @@ class SnapshotterProcess:
                 "--root", str(self.root), "--log-level", "debug", *self.args]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         start_new_session=True, env={**os.environ, "NAIAD_HOME": str(self.home)})
+                                         start_new_session=True,
+                                         env={**os.environ, "NAIAD_HOME": str(self.home)})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"snapshotter exited ({self.proc.returncode}):\n{self.log_tail()}")
             if os.path.exists(self.address):
-                with grpc.insecure_channel(f"unix://{self.address}") as ch:
-                    with contextlib.suppress(grpc.FutureTimeoutError):
-                        grpc.channel_ready_future(ch).result(timeout=1)
-                        return self
+                with grpc.insecure_channel(f"unix://{self.address}") as ch, \
+                        contextlib.suppress(grpc.FutureTimeoutError):
+                    grpc.channel_ready_future(ch).result(timeout=1)
+                    return self
             time.sleep(0.1)
         raise RuntimeError(f"snapshotter did not come up:\n{self.log_tail()}")
 
@@ -152,8 +153,8 @@ class Node:
         return self
 
     def run(self, ref: str, name: str, *command: str, timeout: float = WAIT) -> str:
-        proc = self.containerd.ctr("run", "--snapshotter", "naiad", "--rm", ref, name, *command, timeout=timeout)
-        return proc.stdout
+        return self.containerd.ctr("run", "--snapshotter", "naiad", "--rm", ref, name, *command,
+                                   timeout=timeout).stdout
 
     def rpull(self, ref: str) -> None:
         self.containerd.ctr_remote("image", "rpull", "--plain-http", "--snapshotter", "naiad", ref)

@@ -115,7 +115,8 @@ def test_layers_mounts_and_status_codes(stub: SnapshotsStub, sn: SnapshotterProc
     }
     assert codes == {
         "duplicate key": grpc.StatusCode.ALREADY_EXISTS, "missing parent": grpc.StatusCode.NOT_FOUND,
-        "active parent": grpc.StatusCode.INVALID_ARGUMENT, "commit a view": grpc.StatusCode.FAILED_PRECONDITION,
+        "active parent": grpc.StatusCode.INVALID_ARGUMENT,
+        "commit a view": grpc.StatusCode.FAILED_PRECONDITION,
         "commit over a name": grpc.StatusCode.ALREADY_EXISTS,
         "remove a parent": grpc.StatusCode.FAILED_PRECONDITION,
         "mounts of committed": grpc.StatusCode.FAILED_PRECONDITION, "stat missing": grpc.StatusCode.NOT_FOUND,
