@@ -203,7 +203,8 @@ def _make_data(data: Path) -> None:
 
 
 def make_images(base: Path, registry_host: str) -> tuple[str, str]:
-    """Push a plain two-layer OCI image and its naiad conversion; their references (host/repo:tag)."""
+    """Push a plain two-layer OCI image (umoci) and a naiad image of the same files (`naiad build`);
+    their references (host/repo:tag)."""
     rootfs, data, layout = base / "rootfs", base / "data", base / "layout"
     _make_rootfs(rootfs)
     _make_data(data)
@@ -218,5 +219,8 @@ def make_images(base: Path, registry_host: str) -> tuple[str, str]:
     plain = f"{registry_host}/sn/app:plain"
     naiad_ref = f"{registry_host}/sn/app:naiad"
     naiad(home, "copy", f"oci:{image}", f"docker://{plain}")
-    naiad(home, "convert", "--plain-http", f"docker://{plain}", f"docker://{naiad_ref}")
+    shutil.copytree(data, rootfs / "data")
+    (base / "config.json").write_text(json.dumps(
+        {"config": {"Entrypoint": ["/bin/sh"], "Cmd": ["-c", "cat /data/hello"]}}))
+    naiad(home, "build", rootfs, f"docker://{naiad_ref}", "--config", base / "config.json")
     return plain, naiad_ref
