@@ -119,14 +119,15 @@ class Containerd:
     def _in_netns(self, argv: list[str]) -> list[str]:
         return ["nsenter", f"--net=/run/netns/{self.netns}", "--", *argv] if self.netns else argv
 
-    def ctr_argv(self, *args: str, tool: str = "ctr") -> list[str]:
+    def ctr_argv(self, *args: str, tool: str = "ctr", namespace: str | None = None) -> list[str]:
         """The command line of `ctr` (or `ctr-remote`) against this instance, for callers that run it."""
-        return self._in_netns([tool, "--address", self.address, "--namespace", self.namespace, *args])
+        return self._in_netns([tool, "--address", self.address, "--namespace", namespace or self.namespace,
+                               *args])
 
-    def ctr(self, *args: str, check: bool = True, timeout: float = 300.0,
-            tool: str = "ctr", input: bytes | None = None) -> subprocess.CompletedProcess[str]:
-        """Run `ctr` (or `ctr-remote`) against this instance, in its namespace."""
-        argv = self.ctr_argv(*args, tool=tool)
+    def ctr(self, *args: str, check: bool = True, timeout: float = 300.0, tool: str = "ctr",
+            input: bytes | None = None, namespace: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run `ctr` (or `ctr-remote`) against this instance, in its namespace (or `namespace`)."""
+        argv = self.ctr_argv(*args, tool=tool, namespace=namespace)
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                               input=input.decode() if input is not None else None)
         if check and proc.returncode != 0:

@@ -152,6 +152,18 @@ class Node:
         self.containerd.start()
         return self
 
+    def start_snapshotter(self, timeout: float = 30.0) -> None:
+        """Start the snapshotter again, and wait until containerd has reconnected to it.
+
+        containerd's client backs off (up to a few seconds) after the socket refused it.
+        """
+        self.snapshotter.start()
+        deadline = time.monotonic() + timeout
+        while self.containerd.ctr("snapshots", "--snapshotter", "naiad", "ls", check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError("containerd did not reconnect to the snapshotter")
+            time.sleep(0.2)
+
     def run(self, ref: str, name: str, *command: str, timeout: float = WAIT) -> str:
         return self.containerd.ctr("run", "--snapshotter", "naiad", "--rm", ref, name, *command,
                                    timeout=timeout).stdout

@@ -13,8 +13,15 @@ from pathlib import Path
 
 import pytest
 from faultproxy import FaultProxy
-from snapshotter_helpers import APP_FILES, Node, app_file, daemons_of, lazy_mounts, make_images, \
-    skip_unless_possible
+from snapshotter_helpers import (
+    APP_FILES,
+    Node,
+    app_file,
+    daemons_of,
+    lazy_mounts,
+    make_images,
+    skip_unless_possible,
+)
 
 from naiad.snapshotter.store import Store
 
@@ -99,8 +106,7 @@ def test_kill9_snapshotter_while_a_container_reads(images, node: Node):
     node.rpull(naiad)
     [daemon] = daemons_of(node.home)
     reader = subprocess.Popen(
-        ["ctr", "--address", node.containerd.address, "--namespace", node.containerd.namespace, "run",
-         "--snapshotter", "naiad", "--rm", naiad, "reader", *SLOW_READER],
+        node.containerd.ctr_argv("run", "--snapshotter", "naiad", "--rm", naiad, "reader", *SLOW_READER),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert reader.stdout is not None
@@ -114,7 +120,7 @@ def test_kill9_snapshotter_while_a_container_reads(images, node: Node):
     assert first + rest == "".join(app_file(i) for i in range(APP_FILES)), err
     assert reader.returncode == 0, err
 
-    node.snapshotter.start()
+    node.start_snapshotter()
     assert daemons_of(node.home) == [daemon]  # re-attached, not re-mounted
     assert "re-attached to lazy mount" in node.snapshotter.log_tail(200)
     assert node.run(naiad, "after") == HELLO
@@ -130,7 +136,7 @@ def test_restarts_between_pull_and_run(images, node: Node):
     deadline = time.monotonic() + 10
     while daemons_of(node.home) and time.monotonic() < deadline:
         time.sleep(0.05)
-    node.snapshotter.start()
+    node.start_snapshotter()
     [again] = daemons_of(node.home)
     assert again != daemon and "re-mounted lazy mount" in node.snapshotter.log_tail(200)
     assert node.run(naiad, "app-1") == HELLO
