@@ -138,14 +138,16 @@ def release_lazy_mounts(root: Path, home: Path) -> None:
 class Node:
     """A snapshotter and a containerd that uses it, all under `base`."""
 
-    def __init__(self, base: Path, snapshotter_args: tuple[str, ...] = ("--plain-http",), cri: bool = False):
+    def __init__(self, base: Path, snapshotter_args: tuple[str, ...] = ("--plain-http",), cri: bool = False,
+                 extra_config: str = ""):
         self.base = base
         self.home = base / "home"
         self.home.mkdir(parents=True, exist_ok=True)
         self.root = base / "sn"
         self.address = str(base / "sn.sock")
         self.snapshotter = SnapshotterProcess(self.root, self.address, self.home, snapshotter_args)
-        self.containerd = Containerd(base / "ctrd", snapshotter_socket=self.address, cri=cri)
+        self.containerd = Containerd(base / "ctrd", snapshotter_socket=self.address, cri=cri,
+                                     extra_config=extra_config)
 
     def start(self) -> Node:
         self.snapshotter.start()

@@ -7,12 +7,16 @@ private containerd that uses it, and a NAIAD_HOME, all undone afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from faultproxy import FaultProxy
+from snapshotter_cri import CRIImages
 from snapshotter_helpers import (
     APP_FILES,
     Node,
@@ -45,10 +49,11 @@ def images(registry, tmp_path_factory: pytest.TempPathFactory):
         yield proxy, plain, naiad, [d.digest for d in layers[:-1]], layers[-1].digest
 
 
-@pytest.fixture
-def node(tmp_path: Path):
+@contextlib.contextmanager
+def running_node(base: Path, **kw: Any) -> Iterator[Node]:
+    """A started node, closed afterwards; nothing of it may be left mounted or running."""
     skip_unless_possible()
-    n = Node(tmp_path)
+    n = Node(base, **kw)
     try:
         n.start()
         yield n
@@ -58,6 +63,12 @@ def node(tmp_path: Path):
     finally:
         n.close()
     assert lazy_mounts(n.root) == [] and daemons_of(n.home) == []
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    with running_node(tmp_path) as n:
+        yield n
 
 
 def _blob_gets(proxy: FaultProxy, digests: list[str]) -> list[tuple[str, str | None]]:
@@ -165,3 +176,26 @@ def test_removing_the_image_releases_mounts_in_each_namespace(images, node: Node
         time.sleep(0.1)
     assert lazy_mounts(node.root) == [] and daemons_of(node.home) == [] and _lazy_keys(node) == []
     assert node.containerd.ctr("snapshots", "--snapshotter", "naiad", "ls").stdout.count("\n") <= 1
+
+
+def test_cri_pull_skips_the_data_blobs(images, tmp_path: Path):
+    proxy, _, naiad, data_blobs, _ = images
+    mirror = (f'[plugins."io.containerd.grpc.v1.cri".registry.mirrors."{proxy.host}"]\n'
+              f'  endpoint = ["http://{proxy.host}"]\n')
+    with running_node(tmp_path, cri=True, extra_config=mirror) as n:
+        proxy.reset()
+        with CRIImages(n.containerd.address) as cri:
+            image_id = cri.pull(naiad)
+            assert image_id.startswith("sha256:")
+            assert _blob_gets(proxy, data_blobs) == []
+            assert len(lazy_mounts(n.root)) == 1
+            # The kubelet's namespace; the rootfs is the image's: its programs and every data file.
+            out = n.containerd.ctr("run", "--snapshotter", "naiad", "--rm", naiad, "cri-app", *SLOW_READER,
+                                   namespace="k8s.io").stdout
+            assert out == "".join(app_file(i) for i in range(APP_FILES))
+            cri.remove(naiad)
+        # containerd collects the snapshots in the background after the image is gone.
+        deadline = time.monotonic() + 60
+        while lazy_mounts(n.root) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert lazy_mounts(n.root) == []
