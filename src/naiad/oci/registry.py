@@ -42,6 +42,7 @@ from naiad.oci.auth import (
     resolve_credentials,
 )
 from naiad.oci.digest import check_digest, sha256_digest, verify_bytes
+from naiad.oci.fastrange import RangeConnections
 from naiad.oci.image import Descriptor, RegistryOptions
 from naiad.oci.reference import Reference
 
@@ -146,13 +147,16 @@ class RegistryClient:
         self.monolithic_max = MONOLITHIC_MAX if monolithic_max is None else monolithic_max
         self.chunk_size = CHUNK_SIZE if chunk_size is None else chunk_size
         self._creds: Credentials | None = resolve_credentials(host, options.creds)
+        timeout = timeout if timeout is not None else TIMEOUT
         self._http = httpx.Client(
             verify=options.tls_verify,
-            timeout=timeout if timeout is not None else TIMEOUT,
+            timeout=timeout,
             follow_redirects=False,  # followed by hand, so credentials stay on this host
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
             headers={"User-Agent": _USER_AGENT},
         )
+        read_timeout = timeout.read if isinstance(timeout, httpx.Timeout) else timeout
+        self._ranges = RangeConnections(self.base_url, options.tls_verify, read_timeout or 60.0, _USER_AGENT)
         self._challenge: Challenge | None = None
         self._pinged = False
         self._tokens = TokenCache()
@@ -167,6 +171,7 @@ class RegistryClient:
         for location in list(self._pending_uploads.values()):
             self._cancel_upload(location)
         self._pending_uploads.clear()
+        self._ranges.close()
         self._http.close()
 
     def __enter__(self) -> RegistryClient:
@@ -485,6 +490,11 @@ class RegistryClient:
         if size <= 0:
             return b""
         what = self._what(f"GET blob {repo}@{digest} bytes {offset}+{size}")
+        self._ensure_pinged()
+        authorization = self._authorization((self._scope(repo),), what)
+        data = self._ranges.get(f"/v2/{repo}/blobs/{check_digest(digest)}", offset, size, authorization)
+        if data is not None:
+            return data
         for attempt in range(1, self.retries + 1):
             response = self._get_blob(repo, digest, offset, offset + size - 1, what)
             try:
