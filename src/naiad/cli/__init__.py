@@ -338,7 +338,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
         options = MountOptions(platform=Platform.parse(args.platform), prefetch_all=args.prefetch_all,
                                prefetch_rate=_size(args.prefetch_rate) if args.prefetch_rate else 0,
-                               amplify=_size(args.amplify))
+                               amplify=_size(args.amplify), mode=args.mode)
         try:
             serve(ref, args.mountpoint, _registry_options(args), options, args.notify_fd)
         except NaiadError as e:
@@ -576,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="target image reference")
     p.set_defaults(func=cmd_copy)
 
-    p = sub.add_parser("mount", parents=[reg], help="mount a naiad image lazily (FUSE)",
+    p = sub.add_parser("mount", parents=[reg], help="mount a naiad image lazily",
                        description="Mount a naiad image read-only at MOUNTPOINT after fetching only its "
                        "manifest and bootstrap; file data is fetched, verified and cached on first read. "
                        "Runs as a daemon unless --foreground.")
@@ -589,6 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bandwidth cap of background prefetch per second, e.g. 50M (default: none)")
     p.add_argument("--amplify", default="1M", metavar="SIZE",
                    help="fetch up to this many bytes of neighbouring chunks with a read (default: 1M)")
+    p.add_argument("--mode", choices=("auto", "kernel", "fuse"), default="auto",
+                   help="kernel: the kernel serves the tree (EROFS metadata image over one FUSE file per "
+                   "blob; needs root); fuse: naiad serves it all (records the access trace); auto "
+                   "(default): kernel where it works here, else fuse")
     p.add_argument("--notify-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
 

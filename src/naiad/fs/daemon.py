@@ -113,7 +113,9 @@ def umount(mountpoint: str, timeout: float = 30.0) -> None:
     """Unmount a naiad mount and wait for its daemon to exit."""
     state = read_state(mountpoint)
     pid = int(state["pid"])
-    if is_mounted(mountpoint):
+    if state.get("mode") == "kernel":
+        _umount_kernel(mountpoint, pid)
+    elif is_mounted(mountpoint):
         proc = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
         if proc.returncode != 0:
             if pid_alive(pid):
@@ -128,3 +130,25 @@ def umount(mountpoint: str, timeout: float = 30.0) -> None:
         time.sleep(0.05)
     if pid_alive(pid):
         os.kill(pid, signal.SIGTERM)
+
+
+def _umount_kernel(mountpoint: str, pid: int) -> None:
+    """Kernel mode: EROFS first (refused while busy, unless the daemon is gone), then the daemon
+    unmounts its blob files and exits (it is told by SIGTERM)."""
+    from naiad.fs import kernel
+
+    alive = pid_alive(pid)
+    if is_mounted(mountpoint):
+        try:
+            kernel.umount(mountpoint)
+        except NaiadError:
+            if alive:
+                raise
+            kernel.umount(mountpoint, detach=True)  # its data is gone with the daemon anyway
+    if alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    else:
+        blobs = os.path.join(state_dir(mountpoint), "blobs")
+        if is_mounted(blobs):
+            kernel.umount(blobs, detach=True)

@@ -5,21 +5,43 @@ are fetched before the filesystem is up; file data comes on first read, and
 in the background from the prefetch list (then everything, with
 `prefetch_all`) at a bounded rate, on its own small thread budget so that
 reads on demand never queue behind it.
+
+Two ways to serve the tree (`MountOptions.mode`):
+
+- `fuse`: LazyFS answers every lookup, getattr and read in Python. It also
+  records the access trace (`trace.json`) that `naiad optimize` needs.
+- `kernel`: the kernel serves the tree from an EROFS metadata image made
+  from the bootstrap (cached beside it), mounted from that file with one
+  extra device per blob; the devices are the files of a small FUSE
+  filesystem (BlobFS) on `<state>/blobs`, so Python only sees data reads,
+  once per chunk range, and warm reads never leave the kernel. Its trace is
+  approximate (BlobFS.first_reads), so `naiad optimize` mounts with fuse.
+- `auto` (the default): kernel when this machine allows it (root, erofs,
+  file-backed mounts: probed with the image itself), else fuse.
+
+In kernel mode the daemon mounts EROFS only once its FUSE loop runs (the
+mount opens the blob files), and tears down in the other order: EROFS,
+then blobfs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 
 import pyfuse3
 import trio
 
-from naiad.errors import NaiadError
+from naiad.errors import FormatError, NaiadError
 from naiad.format.bootstrap import Bootstrap, Chunk
+from naiad.format.erofs import erofs_image
+from naiad.fs import kernel
+from naiad.fs.blobfs import BlobFS
 from naiad.fs.daemon import is_mounted, state_dir, write_json
 from naiad.fs.lazyfs import LazyFS
 from naiad.oci.image import Platform, RegistryOptions, source_for
@@ -31,6 +53,7 @@ from naiad.storage.image import NaiadImage
 log = logging.getLogger(__name__)
 
 PREFETCH_BATCH = 4 << 20
+MODES = ("auto", "kernel", "fuse")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +63,7 @@ class MountOptions:
     prefetch_rate: int = 0  # bytes per second; 0 = unlimited
     amplify: int = DEFAULT_AMPLIFY
     allow_other: bool = True
+    mode: str = "auto"  # one of MODES
 
 
 class Prefetcher:
@@ -106,64 +130,166 @@ def serve(ref: Reference, mountpoint: str, registry: RegistryOptions, options: M
     # FUSE 3 mounts over anything; files hidden under an image would confuse whoever looks later.
     if os.listdir(mountpoint):
         raise NaiadError(f"mount point {mountpoint} is not empty")
+    if options.mode not in MODES:
+        raise NaiadError(f"mount mode {options.mode!r} is not one of {', '.join(MODES)}")
     with source_for(ref, registry) as source:
         img = NaiadImage.open(source, options.platform)
         cache = ChunkCache()
         fetcher = ChunkFetcher(img.bootstrap, source, cache, amplify=options.amplify)
-        fs = LazyFS(img.bootstrap, fetcher)
-        fuse_options = set(pyfuse3.default_options)
-        fuse_options |= {"fsname=naiad", "subtype=naiad", "ro", "default_permissions"}
-        if options.allow_other and os.geteuid() == 0:
-            fuse_options.add("allow_other")
-        pyfuse3.init(fs, mountpoint, fuse_options)
-        write_json(os.path.join(state, "state.json"), {
-            "pid": os.getpid(), "ref": str(ref), "mountpoint": mountpoint,
-            "manifest_digest": img.image.manifest_digest, "started": time.time(),
-        })
+        image = _kernel_image(img.bootstrap, state, options.mode)
+        mount = _Mount(mountpoint, state, fetcher, image)
+        if image is None:
+            mount.fs = LazyFS(img.bootstrap, fetcher)
+            fuse_at, fuse_options = mountpoint, {"fsname=naiad"}
+            if options.allow_other and os.geteuid() == 0:
+                fuse_options.add("allow_other")
+        else:
+            mount.fs = BlobFS(img.bootstrap, fetcher)
+            fuse_at, fuse_options = mount.prepare_blob_dir(), {"fsname=naiad-blobs"}
+        fuse_options |= set(pyfuse3.default_options) | {"subtype=naiad", "ro", "default_permissions"}
+        pyfuse3.init(mount.fs, fuse_at, fuse_options)
+        info = {"pid": os.getpid(), "ref": str(ref), "mountpoint": mountpoint,
+                "manifest_digest": img.image.manifest_digest, "started": time.time(),
+                "mode": mount.mode}
         prefetcher = Prefetcher(img.bootstrap, fetcher, options)
-        if notify_fd is not None:
-            os.write(notify_fd, b"ready\n")
-            os.close(notify_fd)
         try:
-            trio.run(_main, fs, prefetcher, state)
+            trio.run(_main, mount, prefetcher, lambda: mount.up(info, notify_fd))
         finally:
+            mount.stop_kernel(detach=True)
             pyfuse3.close(unmount=True)
-            _write_trace(state, fs, img.bootstrap)
+            _write_trace(state, mount.fs, img.bootstrap)
             fetcher.close()
             cache.close()
             img.close()
+        if mount.error is not None:
+            raise mount.error
 
 
-async def _main(fs: LazyFS, prefetcher: Prefetcher, state: str) -> None:
+def _kernel_image(bs: Bootstrap, state: str, mode: str) -> str | None:
+    """The EROFS image to mount in kernel mode, or None to serve with FUSE (`auto` decides here)."""
+    if mode == "fuse":
+        return None
+    why_not = kernel.erofs_available()
+    if why_not is None:
+        try:
+            image = erofs_image(bs)
+        except FormatError as e:
+            why_not = f"no EROFS image for this bootstrap: {e}"
+    if why_not is None and mode == "auto":
+        why_not = _probe(image, len(bs.blobs()), state)
+    if why_not is None:
+        return image
+    if mode == "kernel":
+        raise NaiadError(f"kernel mode is not available: {why_not}")
+    log.info("serving with FUSE: %s", why_not)
+    return None
+
+
+def _probe(image: str, devices: int, state: str) -> str | None:
+    """Whether the kernel mounts `image` from its file with files as devices (it only opens them)."""
+    target = os.path.join(state, "probe")
+    os.makedirs(target, exist_ok=True)
+    try:
+        kernel.mount_erofs(image, [image] * devices, target)
+    except NaiadError as e:
+        return str(e)
+    kernel.umount(target, detach=True)
+    return None
+
+
+class _Mount:
+    """What one daemon serves: the FUSE filesystem, and in kernel mode the EROFS mount over it."""
+
+    def __init__(self, mountpoint: str, state: str, fetcher: ChunkFetcher, image: str | None):
+        self.mountpoint, self.state, self.fetcher, self.image = mountpoint, state, fetcher, image
+        self.mode = "fuse" if image is None else "kernel"
+        self.fs: LazyFS | BlobFS | None = None
+        self.error: NaiadError | None = None
+        self.kernel_mounted = False
+
+    @property
+    def blob_dir(self) -> str:
+        return os.path.join(self.state, "blobs")
+
+    def prepare_blob_dir(self) -> str:
+        path = self.blob_dir
+        if is_mounted(path):  # left by a daemon that was killed: nobody can be using it
+            kernel.umount(path, detach=True)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    async def up(self, info: dict, notify_fd: int | None) -> None:
+        """Finish mounting (the FUSE loop runs now), then record state and tell the starter."""
+        if self.image is not None:
+            assert isinstance(self.fs, BlobFS)
+            devices = self.fs.paths(self.blob_dir)
+            await trio.to_thread.run_sync(kernel.mount_erofs, self.image, devices, self.mountpoint)
+            self.kernel_mounted = True
+        write_json(os.path.join(self.state, "state.json"), info)
+        if notify_fd is not None:
+            os.write(notify_fd, b"ready\n")
+            os.close(notify_fd)
+
+    def stop_kernel(self, *, detach: bool) -> None:
+        """Unmount EROFS (before blobfs, which it reads from), if it is still ours and mounted."""
+        if self.kernel_mounted and is_mounted(self.mountpoint):
+            with contextlib.suppress(NaiadError):
+                kernel.umount(self.mountpoint, detach=detach)
+        self.kernel_mounted = False
+
+    def stats(self, prefetcher: Prefetcher) -> dict:
+        return {
+            **self.fetcher.stats.snapshot(),
+            "mode": self.mode,
+            "files_read": len(self.fs.files_read) if isinstance(self.fs, LazyFS) else self.fs.files_read(),
+            "prefetch": {"done_bytes": prefetcher.done_bytes, "total_bytes": prefetcher.total_bytes,
+                         "finished": prefetcher.finished},
+            "updated": time.time(),
+        }
+
+
+async def _main(mount: _Mount, prefetcher: Prefetcher, up: Callable[[], Awaitable[None]]) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signal, nursery)
-        nursery.start_soon(_report, fs, prefetcher, state)
-        nursery.start_soon(prefetcher.run)
+        nursery.start_soon(_stop_on_signal, mount)
+        nursery.start_soon(_start, mount, prefetcher, up, nursery)
         await pyfuse3.main(min_tasks=4, max_tasks=64)
         nursery.cancel_scope.cancel()
 
 
-async def _stop_on_signal(nursery: trio.Nursery) -> None:
+async def _start(mount: _Mount, prefetcher: Prefetcher, up: Callable[[], Awaitable[None]],
+                 nursery: trio.Nursery) -> None:
+    try:
+        await up()
+    except NaiadError as e:
+        mount.error = e
+        pyfuse3.terminate()
+        return
+    nursery.start_soon(_report, mount, prefetcher)
+    nursery.start_soon(prefetcher.run)
+
+
+async def _stop_on_signal(mount: _Mount) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for _ in signals:
+            mount.stop_kernel(detach=True)
             pyfuse3.terminate()
             return
 
 
-async def _report(fs: LazyFS, prefetcher: Prefetcher, state: str) -> None:
+async def _report(mount: _Mount, prefetcher: Prefetcher) -> None:
     while True:
-        write_json(os.path.join(state, "stats.json"), {
-            **fs.fetcher.stats.snapshot(),
-            "files_read": len(fs.files_read),
-            "prefetch": {"done_bytes": prefetcher.done_bytes, "total_bytes": prefetcher.total_bytes,
-                         "finished": prefetcher.finished},
-            "updated": time.time(),
-        })
+        if mount.kernel_mounted and not is_mounted(mount.mountpoint):
+            # EROFS was unmounted (`naiad umount`, or plain umount): blobfs has nobody to serve.
+            mount.kernel_mounted = False
+            pyfuse3.terminate()
+            return
+        write_json(os.path.join(mount.state, "stats.json"), mount.stats(prefetcher))
         await trio.sleep(1)
 
 
-def _write_trace(state: str, fs: LazyFS, bs: Bootstrap) -> None:
+def _write_trace(state: str, fs: LazyFS | BlobFS | None, bs: Bootstrap) -> None:
     """trace.json: [path, chunk index] for every chunk read, in first-read order."""
-    paths = bs.paths_of(fs.files_read)
+    entries = list(fs.trace) if isinstance(fs, LazyFS) else fs.first_reads() if fs else []
+    paths = bs.paths_of({ino for ino, _ in entries})
     write_json(os.path.join(state, "trace.json"),
-               [[paths[ino], index] for ino, index in fs.trace if ino in paths])
+               [[paths[ino], index] for ino, index in entries if ino in paths])

@@ -368,6 +368,8 @@ class _RunDir:
             argv.append("--insecure-skip-tls-verify")
         if options.prefetch_all:
             argv.append("--prefetch-all")
+        if options.trace_to:
+            argv += ["--mode", "fuse"]  # only FUSE mode sees which file each read is for
         self.daemon_spawned = True
         # Credentials go through the environment, not the daemon's command line (ps shows that).
         with _env("NAIAD_CREDS", options.registry.creds):

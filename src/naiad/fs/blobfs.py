@@ -1,0 +1,207 @@
+"""blobfs: one read-only FUSE file per data blob, for the kernel fast path.
+
+In kernel mode the kernel itself serves the image tree from an EROFS
+metadata image (naiad.format.erofs) whose files are chunk-indexed into
+extra devices, one per blob. Those devices are the files of this
+filesystem: file `N` is blob N-1's *uncompressed* byte space, every chunk at
+its `uoffset` (docs/format.md), holes reading as zeros. Python then sees only
+data reads, never lookups or getattrs, and each read is a cache pread once
+its chunks are cached; the kernel keeps what it read in its own page cache.
+
+A read maps its byte range to the chunks it covers (bisect over the blob's
+chunk offsets), takes cached chunks from the shared chunk cache and fetches
+the others through the ChunkFetcher, which verifies them before they are
+returned or cached: a chunk that fails gives EIO to that read only.
+
+Per blob only two integer arrays are kept (chunk offsets and ids, 16 bytes
+a chunk); a read asks the bootstrap for the few chunk rows it needs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import json
+import logging
+import os
+import stat
+from array import array
+
+import pyfuse3
+import trio
+
+from naiad.errors import NaiadError
+from naiad.format.bootstrap import ROOT_INO, Bootstrap, Chunk
+from naiad.format.erofs import BLOCK, blob_extents
+from naiad.storage.fetcher import ChunkFetcher
+
+log = logging.getLogger(__name__)
+
+CACHE_TIMEOUT = 86400.0 * 365  # the blob files never change
+
+
+class _BlobFile:
+    __slots__ = ("blob_id", "chunk_ids", "ino", "name", "size", "uoffsets")
+
+    def __init__(self, ino: int, name: bytes, blob_id: int, size: int):
+        self.ino, self.name, self.blob_id, self.size = ino, name, blob_id, size
+        self.uoffsets = array("q")
+        self.chunk_ids = array("q")
+
+
+class BlobFS(pyfuse3.Operations):
+    """Files `1`..`N` at the root: the blobs in device order (EROFS device N is file N)."""
+
+    def __init__(self, bootstrap: Bootstrap, fetcher: ChunkFetcher, *, fetch_threads: int = 32):
+        super().__init__()
+        self.bs = bootstrap
+        self.fetcher = fetcher
+        self._fetch_limiter = trio.CapacityLimiter(fetch_threads)
+        ids = {b.digest: b.id for b in bootstrap.blobs()}
+        self.files: list[_BlobFile] = [
+            _BlobFile(ROOT_INO + 1 + i, str(i + 1).encode(), ids[digest], size)
+            for i, (digest, size) in enumerate(blob_extents(bootstrap))
+        ]
+        by_blob = {f.blob_id: f for f in self.files}
+        for blob_id, uoffset, chunk_id in bootstrap.query(
+                "SELECT blob, uoffset, id FROM chunks ORDER BY blob, uoffset"):
+            f = by_blob[blob_id]
+            f.uoffsets.append(uoffset)
+            f.chunk_ids.append(chunk_id)
+        self._by_ino = {f.ino: f for f in self.files}
+        self._by_name = {f.name: f for f in self.files}
+        # For the stats and the trace: the chunk each read request starts in, in first-read order.
+        # EROFS reads whole pages, so a read may also cover the start of the next chunk (another
+        # file's); the chunk it starts in is the one it was for.
+        self._started: dict[int, None] = {}
+        self._files_read = (0, 0)  # (len(_started) when counted, files)
+
+    def files_read(self) -> int:
+        """How many files the reads so far were for (by the chunks they started in)."""
+        counted, files = self._files_read
+        if counted != len(self._started):
+            ids = json.dumps(list(self._started))  # one parameter, however many chunks
+            files = self.bs.query("SELECT count(DISTINCT ino) FROM file_chunks"
+                                  " WHERE chunk IN (SELECT value FROM json_each(?))", (ids,))[0][0]
+            self._files_read = (len(self._started), files)
+        return files
+
+    def first_reads(self) -> list[tuple[int, int]]:
+        """(ino, chunk index) of the files whose chunks reads started in, in first-read order.
+
+        Approximate, unlike FUSE mode's trace: a chunk the kernel already holds (read ahead with
+        a neighbour) is never asked for, and a chunk shared by files names them all.
+        """
+        order = {chunk: i for i, chunk in enumerate(self._started)}
+        rows = self.bs.query("SELECT chunk, ino, foffset FROM file_chunks"
+                             " WHERE chunk IN (SELECT value FROM json_each(?))", (json.dumps(list(order)),))
+        rows.sort(key=lambda r: (order[r[0]], r[1], r[2]))
+        return [(ino, foffset // self.bs.chunk_size) for _, ino, foffset in rows]
+
+    def paths(self, root: str) -> list[str]:
+        """The blob files' paths under mount point `root`, in device order."""
+        return [os.path.join(root, f.name.decode()) for f in self.files]
+
+    # --- metadata ------------------------------------------------------
+
+    def _entry(self, ino: int) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = ino
+        e.entry_timeout = e.attr_timeout = CACHE_TIMEOUT
+        if ino == ROOT_INO:
+            e.st_mode, e.st_nlink = stat.S_IFDIR | 0o500, 2
+        else:
+            e.st_mode, e.st_nlink = stat.S_IFREG | 0o400, 1
+            e.st_size = self._by_ino[ino].size
+            e.st_blocks = -(-e.st_size // 512)
+        e.st_blksize = BLOCK
+        return e
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx=None) -> pyfuse3.EntryAttributes:
+        f = self._by_name.get(name)
+        if parent_inode != ROOT_INO or f is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._entry(f.ino)
+
+    async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
+        if inode != ROOT_INO and inode not in self._by_ino:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._entry(inode)
+
+    async def opendir(self, inode: int, ctx) -> int:
+        if inode != ROOT_INO:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token) -> None:
+        for i in range(start_id, len(self.files)):
+            f = self.files[i]
+            if not pyfuse3.readdir_reply(token, f.name, self._entry(f.ino), i + 1):
+                return
+
+    async def open(self, inode: int, flags: int, ctx) -> pyfuse3.FileInfo:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if inode not in self._by_ino:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        fi = pyfuse3.FileInfo(fh=inode)
+        # No page cache (and so no readahead) for blob files: EROFS caches the file pages it
+        # reads, a second copy would only cost memory, and readahead here would read other
+        # files' chunks (fetching them, and hiding later reads from the stats and the cache's LRU).
+        fi.direct_io = True
+        return fi
+
+    # --- data ------------------------------------------------------------
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        try:
+            return await self._read(self._by_ino[fh], off, size)
+        except pyfuse3.FUSEError:
+            raise
+        except NaiadError as e:
+            log.warning("read of blob file %d at %d failed: %s", fh - ROOT_INO, off, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            # A bug must cost this read, not the whole mount.
+            log.exception("read of blob file %d at %d failed", fh - ROOT_INO, off)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    def _chunks(self, f: _BlobFile, off: int, end: int) -> list[Chunk]:
+        """The chunks overlapping bytes [off, end) of `f`, in offset order."""
+        lo = max(bisect.bisect_right(f.uoffsets, off) - 1, 0)
+        hi = bisect.bisect_left(f.uoffsets, end)
+        ids = f.chunk_ids[lo:hi]
+        if not ids:
+            return []
+        rows = self.bs.query(
+            "SELECT id, digest, blob, offset, csize, usize, uoffset FROM chunks WHERE id IN"
+            f" ({','.join('?' * len(ids))}) ORDER BY uoffset", tuple(ids))
+        return [c for c in (Chunk(*r) for r in rows) if c.uoffset + c.usize > off]
+
+    async def _read(self, f: _BlobFile, off: int, size: int) -> bytes:
+        end = min(off + size, f.size)
+        if off >= end:
+            return b""
+        chunks = self._chunks(f, off, end)
+        if chunks and chunks[0].uoffset <= off:
+            self._started.setdefault(chunks[0].id, None)
+        cache = self.fetcher.cache
+        out = bytearray(end - off)  # holes between chunks read as zeros
+        missing: list[Chunk] = []
+        from_cache = 0
+        for c in chunks:
+            lo, hi = max(off, c.uoffset), min(end, c.uoffset + c.usize)
+            part = cache.read_part(c.digest, lo - c.uoffset, hi - lo)
+            if part is None:
+                missing.append(c)
+            else:
+                out[lo - off:hi - off] = part
+                from_cache += 1
+        if missing:
+            # Verified by the fetcher before it returns or caches anything.
+            datas = await trio.to_thread.run_sync(self.fetcher.read, missing, limiter=self._fetch_limiter)
+            for c, data in zip(missing, datas, strict=True):
+                lo, hi = max(off, c.uoffset), min(end, c.uoffset + c.usize)
+                out[lo - off:hi - off] = data[lo - c.uoffset:hi - c.uoffset]
+        self.fetcher.served(len(out), from_cache)
+        return bytes(out)

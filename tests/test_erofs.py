@@ -1,0 +1,228 @@
+"""The kernel fast path: EROFS metadata images and kernel-mode mounts (real EROFS over real FUSE).
+
+- the oracle: every corpus image mounted with `--mode kernel` (the kernel serves
+  the tree from the generated EROFS image; blobfs serves the blob files) is the
+  tree `umoci unpack` makes, attribute for attribute, hard-link inodes included;
+- lazy: reading one small file fetches a small fraction of the blobs;
+- integrity: a tampered chunk gives EIO to the files using it only, never
+  reaches the cache, and reads fine once the blob is restored;
+- lifecycle: `naiad umount` and SIGTERM leave neither EROFS nor blobfs mounted,
+  a busy mount is refused and kept, `--mode auto` picks the kernel here;
+- the image itself: `fsck.erofs` accepts it, and it is the same bytes when
+  written twice.
+
+Skipped where EROFS file-backed mounts cannot be made (not root, no erofs);
+that is exactly where `--mode auto` serves with FUSE.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import test_mount
+from corpus import ALL_IMAGES
+from registry_server import RegistryServer
+from test_mount import (
+    KiB,
+    MiB,
+    Node,
+    blob_gets,
+    mounted,
+    ok,
+    one_line_error,
+    pid_alive,
+    publish,
+    rand,
+    read_in_child,
+    registry_blob,
+    sha256,
+    wait_for,
+    write_tree,
+)
+from treecmp import compare_trees
+
+from naiad.format.erofs import erofs_image, write_erofs
+from naiad.fs.kernel import erofs_available
+
+# The mount tests' module fixtures: the corpus images and umoci's unpack of each.
+corpus = test_mount.corpus
+reference_rootfs = test_mount.reference_rootfs
+
+pytestmark = pytest.mark.skipif(erofs_available() is not None, reason=f"{erofs_available()}")
+
+
+def kernel_mount(node: Node, ref: str, *options: object) -> Path:
+    mnt = node.mount(ref, "--mode", "kernel", *options)
+    assert fs_type(mnt) == "erofs"
+    return mnt
+
+
+def fs_type(path: Path) -> str | None:
+    with open("/proc/self/mounts") as f:
+        types = [line.split()[2] for line in f if line.split()[1] == str(path)]
+    return types[-1] if types else None
+
+
+def blob_dir(node: Node, mnt: Path) -> Path:
+    """Where the mount's daemon serves blobfs (naiad.fs.daemon.state_dir, under the node's home)."""
+    return node.home / "mounts" / hashlib.sha256(str(mnt).encode()).hexdigest()[:16] / "blobs"
+
+
+@pytest.mark.parametrize("name", ALL_IMAGES)
+def test_kernel_mount_equals_umoci(name: str, corpus, reference_rootfs, registry: RegistryServer,
+                                   node: Node) -> None:
+    ref = f"docker://{registry.host}/erofs/oracle-{name}:v1"
+    ok(node.naiad("convert", corpus[name].ref, ref))
+    mnt = kernel_mount(node, ref)
+    assert compare_trees(reference_rootfs(name), mnt) == []
+    if name == "hardlinks":
+        groups: dict[int, set[str]] = {}
+        for p in mnt.rglob("*"):
+            st = p.lstat()
+            if st.st_nlink > 1 and not p.is_dir():
+                groups.setdefault(st.st_ino, set()).add(p.name)
+        assert any(len(g) > 1 for g in groups.values())
+    node.umount(mnt)
+    assert not mounted(blob_dir(node, mnt))
+
+
+def test_kernel_mode_reads_one_small_file_lazily(registry: RegistryServer, node: Node) -> None:
+    tree = node.root / "tree"
+    tree.mkdir()
+    for i in range(12):
+        (tree / f"big-{i:02d}").write_bytes(os.urandom(8 * MiB))  # incompressible
+    small = os.urandom(10 * KiB)
+    (tree / "small").write_bytes(small)
+    ref, built = publish(node.home, tree, registry, name="erofs-lazy")
+    shutil.rmtree(tree)
+    blob_bytes = sum(b["size"] for b in built["blobs"])
+    since = len(registry.requests())
+    mnt = kernel_mount(node, ref)
+    assert (mnt / "small").read_bytes() == small
+    fetched = sum(blob_gets(registry, since).values())
+    # The small file's chunk, plus what read amplification (1 MiB) and the kernel's readahead
+    # on the blob file pull in: a few MB of 96.
+    assert 0 < fetched < 0.05 * blob_bytes, (fetched, blob_bytes)
+    stats = node.stats(mnt)
+    assert stats["mode"] == "kernel" and stats["files_read"] == 1
+    assert stats["bytes_fetched"] == fetched - sum(  # the bootstrap is not counted by the mount
+        size for digest, size in blob_gets(registry, since).items()
+        if digest not in {b["digest"] for b in built["blobs"]})
+
+
+def test_kernel_mode_tampered_chunk_gives_eio_to_its_files_only(registry: RegistryServer,
+                                                               node: Node) -> None:
+    files = {"etc/bad": rand(200 * KiB, 1), "etc/good": rand(200 * KiB, 2), "etc/text": b"text\n" * 1000}
+    tree = write_tree(node.root / "tree", files)
+    # Stored raw: the registry's bytes are the file's bytes, so a flipped byte is easy to place.
+    ref, _ = publish(node.home, tree, registry, "--compressor", "none", "--chunk-size", "64K",
+                     name="erofs-tamper")
+    mnt = kernel_mount(node, ref)
+    with node.bootstrap() as bs:
+        blobs = {b.id: b.digest for b in bs.blobs()}
+        bad_chunk = bs.file_chunks(bs.resolve("/etc/bad"))[1]
+    blob = registry_blob(registry, blobs[bad_chunk.blob])
+    original = blob.read_bytes()
+    at = bad_chunk.offset + bad_chunk.csize // 2
+    with open(blob, "r+b") as f:
+        f.seek(at)
+        f.write(bytes([original[at] ^ 0xFF]))
+    try:
+        assert read_in_child(mnt / "etc/bad") == ("errno", str(errno.EIO))
+        for rel in ("etc/good", "etc/text"):
+            assert read_in_child(mnt / rel) == ("ok", sha256(files[rel]))
+        assert read_in_child(mnt / "etc/bad") == ("errno", str(errno.EIO))  # asked again, failed again
+        rows = node.cache_rows()
+        assert bad_chunk.digest not in rows and rows
+        node.assert_cache_consistent()
+    finally:
+        blob.write_bytes(original)
+    assert read_in_child(mnt / "etc/bad") == ("ok", sha256(files["etc/bad"]))
+    node.assert_cache_consistent()
+
+
+@pytest.fixture(scope="module")
+def small_image(registry: RegistryServer, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
+    root = tmp_path_factory.mktemp("small")
+    files = {"etc/hello": b"hello\n", "bin/tool": rand(300 * KiB, 70)}
+    ref, _ = publish(root / "home", write_tree(root / "tree", files), registry, name="erofs-small")
+    return ref, files
+
+
+def test_umount_and_sigterm_leave_nothing_mounted(small_image, node: Node) -> None:
+    ref, files = small_image
+    mnt = kernel_mount(node, ref)
+    blobs = blob_dir(node, mnt)
+    assert mounted(blobs)
+    busy = subprocess.Popen(["sleep", "300"], cwd=mnt / "etc")
+    try:
+        one_line_error(node.naiad("umount", mnt), "busy")
+        assert mounted(mnt) and mounted(blobs) and pid_alive(node.pid(mnt))
+        assert (mnt / "bin/tool").read_bytes() == files["bin/tool"]
+    finally:
+        busy.kill()
+        busy.wait()
+    pid = node.pid(mnt)
+    node.umount(mnt)
+    wait_for(lambda: not pid_alive(pid), "the daemon to exit")
+    assert not mounted(mnt) and not mounted(blobs)
+
+    mnt = node.mount(ref, name="again")  # auto: the kernel, here
+    assert fs_type(mnt) == "erofs" and node.state(mnt)["mode"] == "kernel"
+    assert (mnt / "etc/hello").read_bytes() == b"hello\n"
+    pid = node.pid(mnt)
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not pid_alive(pid), "the daemon to exit")
+    assert not mounted(mnt) and not mounted(blob_dir(node, mnt))
+    assert os.listdir(mnt) == []
+
+
+def test_fuse_mode_is_still_there(small_image, node: Node) -> None:
+    ref, files = small_image
+    mnt = node.mount(ref, "--mode", "fuse")
+    assert fs_type(mnt) == "fuse.naiad" and node.state(mnt)["mode"] == "fuse"
+    assert (mnt / "bin/tool").read_bytes() == files["bin/tool"]
+
+
+def test_kernel_mount_statfs_and_read_only(small_image, node: Node) -> None:
+    ref, files = small_image
+    mnt = kernel_mount(node, ref)
+    st = os.statvfs(mnt)
+    assert st.f_bsize == 4096 and st.f_bavail == 0
+    assert st.f_blocks * st.f_frsize >= sum(map(len, files.values()))
+    # EROFS reports no inode limit: f_files is all ones, and f_ffree is that minus the inodes.
+    assert (st.f_files - st.f_ffree) % (1 << 64) == 5  # /, /bin, /bin/tool, /etc, /etc/hello
+    for write in (lambda: open(mnt / "etc/hello", "r+b"), lambda: os.mkdir(mnt / "dir"),  # noqa: SIM115
+                  lambda: os.setxattr(mnt / "etc/hello", "user.x", b"1")):
+        with pytest.raises(OSError) as e:
+            write()
+        assert e.value.errno == errno.EROFS
+
+
+def test_fsck_accepts_the_image_and_it_is_reproducible(corpus, registry: RegistryServer, node: Node) -> None:
+    ref = f"docker://{registry.host}/erofs/fsck:v1"
+    ok(node.naiad("convert", corpus["xattrs"].ref, ref))
+    mnt = kernel_mount(node, ref)
+    (image,) = (node.home / "bootstraps").glob("*.erofs")
+    devices = sorted(blob_dir(node, mnt).iterdir(), key=lambda p: int(p.name))
+    out = node.root / "extracted"
+    proc = subprocess.run(["fsck.erofs", *(f"--device={d}" for d in devices), f"--extract={out}", str(image)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with node.bootstrap() as bs:
+        again = node.root / "again.erofs"
+        write_erofs(bs, str(again))
+        assert again.read_bytes() == image.read_bytes()
+        assert erofs_image(bs) == str(image)  # the cached one is current: kept, not rewritten
+    for path in mnt.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            rel = path.relative_to(mnt)
+            assert (out / rel).read_bytes() == path.read_bytes(), rel
+    node.umount(mnt)
