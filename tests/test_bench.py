@@ -2,7 +2,9 @@
 
 Runs every benchmark on its small inputs (about a minute: a small image, a
 10,000-file tree, the network lab with a real registry in a namespace) and
-checks that the report it writes has every section with measured numbers.
+checks that the report it writes has every section with measured numbers, and
+that the cold-start table has a time for every method that ran (the containerd
+`oci` baseline always among them; a method not built yet says "skipped").
 The figures themselves are not judged here: speed is for benchmarks, not tests.
 """
 
@@ -19,12 +21,22 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ("convert", "bootstrap", "coldstart", "push", "dedup")
+# A time cell: "1.23", or "1.23 (1.01–1.50)" with repetitions.
+TIME = re.compile(r"\d+\.\d+( \(\d+\.\d+–\d+\.\d+\))?")
+
+
+def coldstart_times(section: str) -> dict[str, str]:
+    """method -> time-to-ready cell of the first cold-start table in the report's coldstart section."""
+    table = re.search(r"^\*\*[^\n]*time to the ready line[^\n]*\*\*\n\n((?:\|[^\n]*\n)+)", section, re.M)
+    assert table, "no cold-start table"
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.group(1).splitlines()[2:]]
+    return {row[0].split(":")[0]: row[1] for row in rows}
 
 
 def test_quick_benchmarks_write_a_report_with_numbers(tmp_path):
-    tools = ("umoci", "skopeo", "docker-registry", "ip", "tc")
+    tools = ("umoci", "skopeo", "docker-registry", "ip", "tc", "containerd", "ctr", "runc")
     if os.geteuid() != 0 or not all(shutil.which(t) for t in tools):
-        pytest.skip("needs root, umoci, skopeo, docker-registry and iproute2")
+        pytest.skip("needs root, umoci, skopeo, docker-registry, iproute2 and containerd")
     name = f"test-smoke-{os.getpid()}"
     env = {**os.environ, "NAIAD_BENCH_CACHE": str(tmp_path / "cache"), "NAIAD_HOME": str(tmp_path / "home")}
     results = REPO / "bench" / "results"
@@ -41,6 +53,11 @@ def test_quick_benchmarks_write_a_report_with_numbers(tmp_path):
             assert match, f"no {section} section"
             # A table row with at least one measured decimal number in it.
             assert re.search(r"^\|[^\n]*\| *\d+\.\d+", match.group(0), re.M), f"{section}: no figures"
+            if section == "coldstart":
+                times = coldstart_times(match.group(0))
+                assert "oci" in times, times
+                for method, cell in times.items():
+                    assert TIME.fullmatch(cell) or cell.startswith("skipped"), f"coldstart {method}: {cell!r}"
     finally:
         for path in set(results.iterdir()) - before if results.exists() else ():
             path.unlink()
