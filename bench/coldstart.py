@@ -95,8 +95,8 @@ AFTER_READY_TIMEOUT = 60.0  # how long the app may keep running after its ready 
 STATS_SETTLE = 1.2  # naiad mount daemons refresh stats.json every second
 SNAPSHOTTER_START_TIMEOUT = 30.0  # seconds for `naiad snapshotter` to make its socket
 
-METHODS = ("oci", "naiad-containerd", "naiad-lazy", "naiad-mount", "naiad-optimized", "floor-warm",
-           "floor-cold")
+METHODS = ("oci", "naiad-containerd", "naiad-lazy", "naiad-mount", "naiad-mount-fuse", "naiad-optimized",
+           "floor-warm", "floor-cold")
 RUN_LABEL = "`naiad run`"
 MOUNT_LABEL = "`naiad mount` + chroot on overlayfs"
 LABELS = {
@@ -104,6 +104,7 @@ LABELS = {
     "naiad-containerd": "naiad-containerd: `ctr-remote image rpull` + `ctr run`, naiad snapshotter",
     "naiad-lazy": "naiad-lazy: {how}",
     "naiad-mount": f"naiad-mount: {MOUNT_LABEL} (no runc; for its stats)",
+    "naiad-mount-fuse": "naiad-mount-fuse: the same with `--mode fuse` (Python serves the whole tree)",
     "naiad-optimized": "naiad-optimized: {how} of the optimized image",
     "floor-warm": "floor-warm: chroot run on the unpacked rootfs",
     "floor-cold": "floor-cold: the same after drop_caches",
@@ -255,6 +256,8 @@ def run_workload(ctx: Context, wl: Workload, networks: Sequence[int | None]) -> 
                 if setup.use_run:  # the mount path too: it has stats, and shows what runc costs
                     methods["naiad-mount"] = lambda w: [measure_naiad(the_lab, wl, setup.naiad_ref, False, w,
                                                                       "naiad-mount")]
+                    methods["naiad-mount-fuse"] = lambda w: [measure_naiad(
+                        the_lab, wl, setup.naiad_ref, False, w, "naiad-mount-fuse", ("--mode", "fuse"))]
                 if setup.optimized_ref:
                     opt = setup.optimized_ref
                     methods["naiad-optimized"] = lambda w: [measure_naiad(the_lab, wl, opt, setup.use_run, w,
@@ -443,7 +446,8 @@ def naiad_snapshotter(the_lab: Lab, work: Path) -> Iterator[str]:
             proc.wait()
 
 
-def measure_naiad(the_lab: Lab, wl: Workload, ref: str, use_run: bool, work: Path, method: str) -> Sample:
+def measure_naiad(the_lab: Lab, wl: Workload, ref: str, use_run: bool, work: Path, method: str,
+                  mount_options: Sequence[str] = ()) -> Sample:
     home = work / "home"
     home.mkdir()
     env = {**os.environ, "NAIAD_HOME": str(home)}
@@ -461,7 +465,8 @@ def measure_naiad(the_lab: Lab, wl: Workload, ref: str, use_run: bool, work: Pat
     try:
         meter = CpuMeter(the_lab)
         start = time.perf_counter()
-        mount = run_measured(the_lab.node_argv(naiad_argv("mount", "--plain-http", ref, str(mnt))), env=env)
+        mount = run_measured(the_lab.node_argv(naiad_argv("mount", "--plain-http", *mount_options, ref,
+                                                          str(mnt))), env=env)
         pid = daemon_pid(home)
         t_ready = until_ready(chroot_argv(root, wl, overlay=(mnt, upper, wdir)), wl.env, wl.ready)
         daemon_cpu = process_cpu(pid)
@@ -658,7 +663,7 @@ def report(ctx: Context, wl: Workload, setup: Setup, networks: Sequence[int | No
     if naiad_runs:
         rows = []
         for rate in networks:
-            for m in ("naiad-lazy", "naiad-mount", "naiad-optimized"):
+            for m in ("naiad-lazy", "naiad-mount", "naiad-mount-fuse", "naiad-optimized"):
                 runs = [s for s in naiad_runs if s.method == m and s.network == rate]
                 if not runs:
                     continue

@@ -5,7 +5,10 @@ outlives the command that started it, and later the snapshotter) and waits
 until the filesystem is up or reports why not. The daemon writes
 `state.json` (pid, ref, mountpoint), refreshes `stats.json` every second,
 and writes `trace.json` (files in first-read order) when it stops. SIGTERM
-and SIGINT unmount cleanly.
+and SIGINT unmount cleanly. In kernel mode (`state.json` says `"mode":
+"kernel"`) there are two mounts: EROFS on the mount point and the daemon's
+blobfs under its state dir; `umount()` takes EROFS down first and then
+stops the daemon, which unmounts blobfs.
 """
 
 from __future__ import annotations
