@@ -37,12 +37,13 @@ class Daemon:
 
     def start(self) -> Daemon:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        seen = self.log.stat().st_size if self.log.exists() else 0  # a restart appends to the same log
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "naiad", *self.argv], stdout=log, stderr=log,
                                          env=env, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
-            text = self.log.read_text(errors="replace")
+            text = self.log.read_bytes()[seen:].decode(errors="replace")
             found = list(self._pattern.finditer(text))
             if found:
                 self.match = found[-1]
@@ -169,3 +170,14 @@ def registry_blob_bytes(registry_server: object, digest: str) -> int:
     """Bytes the registry sent in answers to GETs of the blob (from its access log)."""
     return sum(e.size for e in registry_server.requests()  # type: ignore[attr-defined]
                if e.method == "GET" and e.path.split("?")[0].endswith(digest))
+
+
+def metric(url: str, name: str) -> float:
+    """The value of sample `name` (no labels) on a daemon's /metrics page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+        for sample in family.samples:
+            if sample.name == name and not sample.labels:
+                return sample.value
+    raise KeyError(name)

@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 
 async def _serve(app: web.Application, host: str, port: int, what: str) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # In-flight requests (long polls, piece uploads) get a second to finish on shutdown, not a minute.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=512, reuse_address=True)
     try:

@@ -78,6 +78,7 @@ class Peer:
         self._downloads: dict[tuple[str, int], PieceDownload] = {}
         self._jobs: set[asyncio.Task] = set()
         self._whole_checks: set[str] = set()  # tasks whose whole-blob digest is being checked
+        self._streamed_ok: set[str] = set()  # tasks a reader hashed whole (a match) before all were stored
         self._parents: aiohttp.ClientSession | None = None
         self._known_by: set[str] = set()  # schedulers that have our holdings
 
@@ -177,9 +178,10 @@ class Peer:
                     if "sha256:" + whole.hexdigest() != digest:
                         await self._drop_task(record, "the whole blob does not match its digest")
                         raise P2PError(f"blob {digest}: assembled bytes do not match the digest")
+                    # The stored pieces are the bytes just hashed: no need to read them back.
+                    self._streamed_ok.add(digest)
                     if record.complete:
-                        self.store.mark_verified(record)
-                        await self._update(record, complete=True)
+                        await self._verified(record)
                 if held is not None:
                     yield held
                 self.metrics.client_bytes.inc(hi - lo)
@@ -302,8 +304,16 @@ class Peer:
         if self.store.has(record.digest, index):
             await self._report(record, index, origin, ok=True, digest=hexdigest, bytes=len(data),
                                seconds=time.monotonic() - started)
-        if record.complete and not record.verified and record.digest not in self._whole_checks:
-            self._check_whole(record)
+        if record.complete and not record.verified:
+            if record.digest in self._streamed_ok:
+                await self._verified(record)
+            elif record.digest not in self._whole_checks:
+                self._check_whole(record)
+
+    async def _verified(self, record: TaskRecord) -> None:
+        self._streamed_ok.discard(record.digest)
+        self.store.mark_verified(record)
+        await self._update(record, complete=True)
 
     def _check_whole(self, record: TaskRecord) -> None:
         self._whole_checks.add(record.digest)
@@ -315,8 +325,7 @@ class Peer:
             for index in range(record.count):
                 h.update(await asyncio.to_thread(self.store.read, record, index))
             if "sha256:" + h.hexdigest() == record.digest:
-                self.store.mark_verified(record)
-                await self._update(record, complete=True)
+                await self._verified(record)
             else:
                 await self._drop_task(record, "the whole blob does not match its digest")
         except PieceMissing:

@@ -248,8 +248,8 @@ class Scheduler:
             seed_work: dict[str, list[int]] = {}
             answers = {}
             for index in wanted:
-                if peer.id in task.holders.get(index, ()):
-                    continue
+                # Asking for a piece it was said to hold: it lost it (evicted, found corrupt).
+                task.holders.get(index, set()).discard(peer.id)
                 decision = self._decide(task, index, peer, urgent, exclude, now, seed_work)
                 if decision is not None:
                     answers[str(index)] = decision
