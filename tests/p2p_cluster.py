@@ -29,14 +29,16 @@ _PEER_RE = re.compile(r"naiad peer (\S+): pieces on (\S+) \(as \S+\), mirror on 
 
 
 class Daemon:
-    def __init__(self, name: str, argv: list[str], log: Path, pattern: re.Pattern[str]):
+    def __init__(self, name: str, argv: list[str], log: Path, pattern: re.Pattern[str],
+                 env: dict[str, str] | None = None):
         self.name, self.argv, self.log = name, argv, log
+        self.env = env or {}
         self._pattern = pattern
         self.proc: subprocess.Popen[bytes] | None = None
         self.match: re.Match[str] | None = None
 
     def start(self) -> Daemon:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         seen = self.log.stat().st_size if self.log.exists() else 0  # a restart appends to the same log
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "naiad", *self.argv], stdout=log, stderr=log,
@@ -69,8 +71,8 @@ class Daemon:
 
 
 class Peer(Daemon):
-    def __init__(self, name: str, argv: list[str], log: Path, data: Path):
-        super().__init__(name, argv, log, _PEER_RE)
+    def __init__(self, name: str, argv: list[str], log: Path, data: Path, env: dict[str, str] | None = None):
+        super().__init__(name, argv, log, _PEER_RE, env)
         self.data = data
 
     @property
@@ -121,13 +123,14 @@ class Cluster:
         self.scheduler = d.start()
         return d
 
-    def peer(self, name: str, *extra: str, scheduler: str | None = None, start: bool = True) -> Peer:
+    def peer(self, name: str, *extra: str, scheduler: str | None = None, start: bool = True,
+             env: dict[str, str] | None = None) -> Peer:
         data = self.root / name
         data.mkdir(exist_ok=True)
         argv = ["peer", "--listen", "127.0.0.1:0", "--proxy", "127.0.0.1:0", "--data", str(data),
                 "--scheduler", scheduler or self.scheduler_addr, "--token-file", str(self.token_file),
                 "--allow-registry", self.registry, "--default-registry", self.registry, *extra]
-        p = Peer(name, argv, self.root / f"{name}.log", data)
+        p = Peer(name, argv, self.root / f"{name}.log", data, env)
         self.daemons.append(p)
         return p.start() if start else p
 

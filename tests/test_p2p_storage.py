@@ -1,0 +1,80 @@
+"""The lazy filesystem's P2P backend: chunk range reads through the node's peer, auth challenges included."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from pathlib import Path
+
+import pytest
+from p2p_cluster import Cluster, push_blob, registry_blob_bytes
+
+from naiad.errors import RegistryError
+from naiad.oci.image import Descriptor, RegistryOptions
+from naiad.oci.reference import parse_reference
+from naiad.oci.registry import RegistryClient
+from naiad.storage.p2p import PeerSource, through_peer
+
+MIB = 1 << 20
+
+
+class _NoSource:
+    """An inner source that must not be used: range reads go through the peer."""
+
+    def close(self) -> None:
+        pass
+
+
+def test_range_reads_go_through_the_peer(tmp_path: Path, registry) -> None:
+    data = secrets.token_bytes(9 * MIB)
+    repo = f"p2p/storage-{secrets.token_hex(3)}"
+    digest = push_blob(registry.host, repo, data)
+    ref = parse_reference(f"{registry.host}/{repo}:v1")
+    with Cluster(tmp_path, registry.host) as cluster:
+        cluster.start_scheduler()
+        peer = cluster.peer("node")
+        source = through_peer(_NoSource(), ref, RegistryOptions(), proxy=peer.proxy)  # type: ignore[arg-type]
+        assert isinstance(source, PeerSource)
+        try:
+            assert source.read_range(digest, 5 * MIB - 3, 1000) == data[5 * MIB - 3: 5 * MIB + 997]
+            assert source.read_range(digest, len(data) - 10, 100) == data[-10:]
+        finally:
+            source.close()
+        # Each read got its bytes first; the rest of its piece follows. In all: pieces 1 and 2, once.
+        deadline = time.monotonic() + 15
+        while registry_blob_bytes(registry, digest) < 5 * MIB and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert registry_blob_bytes(registry, digest) == 5 * MIB
+    # Without a proxy (and no $NAIAD_P2P_PROXY), or for a local layout, the source is left alone.
+    inner = _NoSource()
+    assert through_peer(inner, ref, proxy="") is inner  # type: ignore[arg-type]
+    assert through_peer(inner, parse_reference("oci:/x:y"), proxy="127.0.0.1:1") is inner  # type: ignore[arg-type]
+
+
+def test_token_auth_passes_through_the_mirror(tmp_path: Path, auth_registry_token) -> None:
+    reg = auth_registry_token
+    creds = f"{reg.username}:{reg.password}"
+    data = secrets.token_bytes(MIB + 7)
+    repo = f"p2p/private-{secrets.token_hex(3)}"
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with RegistryClient(reg.host, RegistryOptions(creds=creds), push=True) as client:
+        client.push_blob_bytes(repo, data, Descriptor("application/octet-stream", digest, len(data)))
+    ref = parse_reference(f"{reg.host}/{repo}:v1")
+    with Cluster(tmp_path, reg.host) as cluster:
+        cluster.start_scheduler()
+        # The peer's own credentials (for back-to-source) come from the environment, never the log.
+        peer = cluster.peer("node", env={"NAIAD_CREDS": creds})
+        anonymous = PeerSource(_NoSource(), ref, peer.proxy)  # type: ignore[arg-type]
+        try:
+            with pytest.raises(RegistryError, match="credentials required"):
+                anonymous.read_range(digest, 0, 10)
+        finally:
+            anonymous.close()
+        source = PeerSource(_NoSource(), ref, peer.proxy, RegistryOptions(creds=creds))  # type: ignore[arg-type]
+        try:
+            assert source.read_range(digest, 100, 5000) == data[100:5100]
+        finally:
+            source.close()
+        assert reg.password not in (tmp_path / "node.log").read_text()
