@@ -327,11 +327,24 @@ def cmd_chunkdict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_p2p_proxy(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--p2p-proxy", metavar="HOST:PORT", default=os.environ.get("NAIAD_P2P_PROXY"),
+                   help="read blob chunks through this node's P2P peer (its --proxy address; "
+                   "default: $NAIAD_P2P_PROXY)")
+
+
+def _use_p2p_proxy(args: argparse.Namespace) -> None:
+    # The storage layer (naiad.storage.p2p) and the mount daemons it starts read it from the environment.
+    if args.p2p_proxy:
+        os.environ["NAIAD_P2P_PROXY"] = args.p2p_proxy
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     from naiad.fs import daemon
     from naiad.oci.image import Platform
     from naiad.oci.reference import parse_reference
 
+    _use_p2p_proxy(args)
     ref = parse_reference(args.ref)
     if args.foreground:
         from naiad.fs.mount import MountOptions, serve
@@ -410,6 +423,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from naiad.oci.image import Platform
     from naiad.runtime.run import RunOptions, run
 
+    _use_p2p_proxy(args)
     command = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
     options = RunOptions(env=args.env, workdir=args.workdir, user=args.user, entrypoint=args.entrypoint,
                          net=args.net, prefetch_all=args.prefetch_all, keep=args.keep,
@@ -594,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "blob; needs root); fuse: naiad serves it all (records the access trace); auto "
                    "(default): kernel where it works here, else fuse")
     p.add_argument("--notify-fd", type=int, help=argparse.SUPPRESS)
+    _add_p2p_proxy(p)
     p.set_defaults(func=cmd_mount)
 
     p = sub.add_parser("umount", help="unmount a naiad mount", description="Unmount a naiad mount "
@@ -640,6 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the container's writes (the overlay upper dir) and print where")
     p.add_argument("--stop-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="after forwarding Ctrl-C/SIGTERM, wait this long before killing (default: 10)")
+    _add_p2p_proxy(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("optimize", parents=[reg, out], help="record what an app reads and prefetch it",
