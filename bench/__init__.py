@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 # Benchmark modules, in the order they run.
-MODULES = ("convert", "bootstrap", "warmread", "coldstart", "push", "dedup")
+MODULES = ("convert", "bootstrap", "warmread", "coldstart", "push", "dedup", "p2p")
 
 
 class BenchError(Exception):

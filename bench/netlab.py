@@ -231,8 +231,125 @@ def _start_registry(lab: Lab, work: Path) -> None:
 
 def _teardown(lab: Lab) -> list[str]:
     """Undo everything `lab()` made, as far as it got; returns what could not be undone."""
+    # Processes still in the namespaces were started by this lab (e.g. a mount daemon).
+    return _teardown_namespaces([lab.node_ns, lab.registry_ns], lab.registry_proc)
+
+
+# --- several nodes on a bridge (the P2P benchmark) -------------------------------------
+
+CLUSTER_NET = "10.78.0"
+CLUSTER_REGISTRY = f"{CLUSTER_NET}.1"
+CLUSTER_SCHEDULER = f"{CLUSTER_NET}.2"
+
+
+@dataclasses.dataclass
+class ClusterLab:
+    """A registry, a scheduler host and `nodes` node hosts, each in its own netns, on one bridge.
+
+    The bridge lives in a namespace of its own (`np2p-TOKEN-sw`); every host
+    is joined to it by a veth pair. Egress of the registry is limited to
+    `registry_rate`; every node's link to `node_rate` both ways (tbf on both
+    ends of its veth), as a switch port would be.
+    """
+
+    token: str
+    nodes: int
+    storage: Path
+    log_path: Path
+    registry_proc: subprocess.Popen | None = None
+
+    def ns(self, host: str) -> str:
+        return f"np2p-{self.token}-{host}"
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [self.ns(h) for h in ("sw", "reg", "sch", *(f"n{i}" for i in range(self.nodes)))]
+
+    @property
+    def registry(self) -> str:
+        return f"{CLUSTER_REGISTRY}:{REGISTRY_PORT}"
+
+    def node_addr(self, i: int) -> str:
+        return f"{CLUSTER_NET}.{10 + i}"
+
+    def argv(self, host: str, argv: Sequence[str]) -> list[str]:
+        """`argv` run in host's network namespace ("reg", "sch", "n0", "n1", ...)."""
+        return ["nsenter", f"--net=/run/netns/{self.ns(host)}", "--", *argv]
+
+    def registry_tx_bytes(self) -> int:
+        out = _ip_out("netns", "exec", self.ns("reg"), "cat", "/sys/class/net/reg0/statistics/tx_bytes")
+        return int(out)
+
+
+@contextlib.contextmanager
+def cluster_lab(nodes: int, registry_rate: int | None, node_rate: int | None,
+                log: Callable[[str], None] | None = None) -> Iterator[ClusterLab]:
+    """Build a ClusterLab with an empty registry; tear everything down on the way out."""
+    require_tools("ip", "tc", "nsenter", "docker-registry", why="the P2P network lab")
+    if os.geteuid() != 0:
+        raise BenchError("the network lab needs root (ip netns, tc)")
+    token = secrets.token_hex(3)
+    work = Path(tempfile.mkdtemp(prefix=f"naiad-p2plab-{token}-"))
+    the_lab = ClusterLab(token, nodes, work / "storage", work / "registry.log")
+    with _signals_raise():
+        try:
+            _build_cluster(the_lab, registry_rate, node_rate)
+            _start_cluster_registry(the_lab, work)
+            if log:
+                log(f"p2p lab {token}: registry {the_lab.registry} ({rate_name(registry_rate)}), "
+                    f"{nodes} nodes ({rate_name(node_rate)} links) on a bridge")
+            yield the_lab
+        finally:
+            problems = _teardown_namespaces(the_lab.namespaces, the_lab.registry_proc)
+            shutil.rmtree(work, ignore_errors=True)
+            if log:
+                trouble = f" (problems: {'; '.join(problems)})" if problems else ""
+                log(f"p2p lab {token}: torn down{trouble}")
+
+
+def _build_cluster(lab: ClusterLab, registry_rate: int | None, node_rate: int | None) -> None:
+    sw = lab.ns("sw")
+    _run(["ip", "netns", "add", sw])
+    _run(["ip", "-n", sw, "link", "add", "br0", "type", "bridge"])
+    _run(["ip", "-n", sw, "link", "set", "br0", "up"])
+    hosts = [("reg", CLUSTER_REGISTRY, registry_rate, None), ("sch", CLUSTER_SCHEDULER, None, None)]
+    hosts += [(f"n{i}", lab.node_addr(i), node_rate, node_rate) for i in range(lab.nodes)]
+    for host, addr, egress, ingress in hosts:
+        ns = lab.ns(host)
+        _run(["ip", "netns", "add", ns])
+        # Made in the switch namespace, one end moved straight into the host's: no names in the host's.
+        _run(["ip", "-n", sw, "link", "add", f"p-{host}", "type", "veth", "peer", "name", f"{host}0",
+              "netns", ns])
+        _run(["ip", "-n", sw, "link", "set", f"p-{host}", "master", "br0", "up"])
+        _run(["ip", "-n", ns, "addr", "add", f"{addr}/{PREFIX_LEN}", "dev", f"{host}0"])
+        _run(["ip", "-n", ns, "link", "set", f"{host}0", "up"])
+        _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        if egress is not None:
+            _tbf(ns, f"{host}0", egress)
+        if ingress is not None:
+            _tbf(sw, f"p-{host}", ingress)  # what the switch sends the host: its download link
+
+
+def _start_cluster_registry(lab: ClusterLab, work: Path) -> None:
+    lab.storage.mkdir()
+    config = work / "config.yml"
+    config.write_text(REGISTRY_CONFIG.format(root=lab.storage, addr=lab.registry))
+    with open(lab.log_path, "wb") as logf:
+        lab.registry_proc = subprocess.Popen(
+            lab.argv("reg", ["docker-registry", "serve", str(config)]),
+            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
+    probe = lab.argv("n0", [sys.executable, "-c", "import urllib.request; "
+                            f"urllib.request.urlopen('http://{lab.registry}/v2/', timeout=2)"])
+    deadline = time.monotonic() + START_TIMEOUT
+    while subprocess.run(probe, capture_output=True).returncode != 0:
+        if lab.registry_proc.poll() is not None or time.monotonic() > deadline:
+            raise BenchError(f"the lab registry did not come up: {_tail(lab.log_path)}")
+        time.sleep(0.1)
+
+
+def _teardown_namespaces(namespaces: Sequence[str], proc: subprocess.Popen | None) -> list[str]:
+    """End `proc` and every process left in `namespaces`, then delete the namespaces."""
     problems: list[str] = []
-    proc = lab.registry_proc
     if proc is not None and proc.poll() is None:
         proc.terminate()
         try:
@@ -241,10 +358,9 @@ def _teardown(lab: Lab) -> list[str]:
             proc.kill()
             proc.wait()
     existing = set(_ip_out("netns", "list").split()) if shutil.which("ip") else set()
-    for ns in (lab.node_ns, lab.registry_ns):
+    for ns in namespaces:
         if ns not in existing:
             continue
-        # Processes still in the namespace were started by this lab (e.g. a mount daemon).
         for sig in (signal.SIGTERM, signal.SIGKILL):
             pids = _netns_pids(ns)
             for pid in pids:
