@@ -47,6 +47,7 @@ WAIT_STEP = 2.0  # seconds the scheduler may hold a request while another peer f
 MAX_WAIT = 60.0  # then this peer fetches it from the source itself
 PARENT_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=2, sock_read=10)
 PRELOAD_WORKERS = 4
+BACKGROUND_PART = 512 << 10  # the rest of a lazily read piece comes from the source in parts this big
 
 
 @dataclasses.dataclass
@@ -80,6 +81,8 @@ class Peer:
         self._whole_checks: set[str] = set()  # tasks whose whole-blob digest is being checked
         self._streamed_ok: set[str] = set()  # tasks a reader hashed whole (a match) before all were stored
         self._parents: aiohttp.ClientSession | None = None
+        self._urgent_sources = 0  # source fetches of spans a reader waits for, running now
+        self._sources_idle = asyncio.Event()
         self._known_by: set[str] = set()  # schedulers that have our holdings
 
     # --- life ---------------------------------------------------------------------------
@@ -162,9 +165,9 @@ class Peer:
             for k, index in enumerate(indices):
                 for j in indices[k:k + WINDOW]:
                     if j not in ahead:
-                        offset = piece_span(size, record.piece_size, j)[0]
-                        ahead[j] = self.piece(record, j, registry, repo, urgent=urgent,
-                                              hint=max(0, start - offset))
+                        offset, length = piece_span(size, record.piece_size, j)
+                        want = (max(start, offset) - offset, min(end, offset + length) - offset)
+                        ahead[j] = self.piece(record, j, registry, repo, urgent=urgent, want=want)
                 offset, length = piece_span(size, record.piece_size, index)
                 lo, hi = max(start, offset) - offset, min(end, offset + length) - offset
                 held: bytes | None = None
@@ -190,26 +193,30 @@ class Peer:
             self.store.release(record)
 
     def piece(self, record: TaskRecord, index: int, registry: str, repo: str, *, urgent: bool,
-              hint: int = 0) -> PieceDownload:
-        """The piece, from the store or on its way; one fetch however many readers ask."""
+              want: tuple[int, int] | None = None) -> PieceDownload:
+        """The piece, from the store or on its way; one fetch however many readers ask.
+
+        `want` is the span of the piece an urgent reader waits for: from the
+        registry, it is fetched first, and the rest of the piece afterwards.
+        """
         key = (record.digest, index)
         dl = self._downloads.get(key)
         if dl is not None:
             return dl
         length = piece_span(record.size, record.piece_size, index)[1]
         dl = self._downloads[key] = PieceDownload(length)
-        self.spawn(self._get(record, index, dl, registry, repo, urgent, hint))
+        self.spawn(self._get(record, index, dl, registry, repo, urgent, want))
         return dl
 
     async def _get(self, record: TaskRecord, index: int, dl: PieceDownload, registry: str, repo: str,
-                   urgent: bool, hint: int) -> None:
+                   urgent: bool, want: tuple[int, int] | None) -> None:
         self.store.open_task(record.digest, record.size)  # pinned while the fetch runs
         try:
             if self.store.has(record.digest, index):
                 with contextlib.suppress(PieceMissing):
                     dl.fill_all(await asyncio.to_thread(self.store.read, record, index))
                     return
-            await self._fetch(record, index, dl, registry, repo, urgent, hint)
+            await self._fetch(record, index, dl, registry, repo, urgent, want)
         except BaseException as e:  # the readers get the error; the next read tries again
             dl.fail(e)
             if not isinstance(e, (P2PError, SourceError, asyncio.CancelledError)):
@@ -219,7 +226,7 @@ class Peer:
             self.store.release(record)
 
     async def _fetch(self, record: TaskRecord, index: int, dl: PieceDownload, registry: str, repo: str,
-                     urgent: bool, hint: int) -> None:
+                     urgent: bool, want: tuple[int, int] | None) -> None:
         exclude: list[str] = []
         waited_since = time.monotonic()
         while time.monotonic() - waited_since < MAX_WAIT:
@@ -237,7 +244,7 @@ class Peer:
                 if await self._from_parent(record, index, dl, parent, decision["digest"]):
                     return
                 exclude.append(parent["id"])
-        await self._from_source(record, index, dl, registry, repo, hint)
+        await self._from_source(record, index, dl, registry, repo, want if urgent else None)
 
     async def _from_parent(self, record: TaskRecord, index: int, dl: PieceDownload,
                            parent: dict[str, str], digest: str) -> bool:
@@ -271,8 +278,13 @@ class Peer:
         return False
 
     async def _from_source(self, record: TaskRecord, index: int, dl: PieceDownload, registry: str,
-                           repo: str, hint: int) -> None:
-        """Stream the piece from the registry; the bytes a reader waits for (from `hint`) come first."""
+                           repo: str, want: tuple[int, int] | None) -> None:
+        """Stream the piece from the registry; the span an urgent reader waits for (`want`) comes first.
+
+        The rest of such a piece is fetched in the background, in small parts,
+        each only while no urgent fetch is running: on a thin registry link, a
+        lazy reader's next miss then does not queue behind the last one's tail.
+        """
         offset, length = piece_span(record.size, record.piece_size, index)
         started = time.monotonic()
         loop = asyncio.get_running_loop()
@@ -280,11 +292,27 @@ class Peer:
         def sink(pos: int, data: bytes) -> None:
             loop.call_soon_threadsafe(dl.fill, pos - offset, data)
 
-        spans = [(hint, length), (0, hint)] if 0 < hint < length else [(0, length)]
+        async def fetch(a: int, b: int) -> None:
+            await loop.run_in_executor(self.sources.pool, self.sources.stream, registry, repo, record.digest,
+                                       offset + a, offset + b, sink)
+
         try:
-            for a, b in spans:
-                await loop.run_in_executor(self.sources.pool, self.sources.stream, registry, repo,
-                                           record.digest, offset + a, offset + b, sink)
+            if want is None or want == (0, length):
+                await fetch(0, length)
+            else:
+                self._urgent_sources += 1
+                try:
+                    await fetch(*want)
+                finally:
+                    self._urgent_sources -= 1
+                    if not self._urgent_sources:
+                        self._sources_idle.set()
+                for a, b in ((want[1], length), (0, want[0])):
+                    for part in range(a, b, BACKGROUND_PART):
+                        while self._urgent_sources:
+                            self._sources_idle.clear()
+                            await self._sources_idle.wait()
+                        await fetch(part, min(part + BACKGROUND_PART, b))
         except SourceError:
             self.metrics.piece_failures.labels("source").inc()
             await self._report(record, index, "source", ok=False)
