@@ -175,6 +175,11 @@ def test_one_snapshotter_per_root_and_socket(sn: SnapshotterProcess, tmp_path: P
         1, f"naiad: error: another snapshotter serves {sn.root}\n")
     assert (same_socket.returncode, same_socket.stderr) == (
         1, f"naiad: error: something already listens on {sn.address}\n")
+    long_socket = str(tmp_path / ("s" * 120))
+    too_long = subprocess.run([*cmd, "--address", long_socket, "--root", str(tmp_path / "third")],
+                              capture_output=True, text=True, env=env, timeout=60)
+    assert (too_long.returncode, too_long.stderr) == (
+        1, f"naiad: error: socket path {long_socket} is too long (at most 107 bytes)\n")
     config = subprocess.run([*cmd, "--print-config", "--address", "/run/x.sock"], capture_output=True,
                             text=True, check=True).stdout
     assert '[proxy_plugins.naiad]\n  type = "snapshot"\n  address = "/run/x.sock"' in config

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 LIST_BATCH = 100  # Info messages per List response (containerd's own server sends 100)
 WORKERS = 32
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 
 _CODES: dict[type[sn.SnapshotError], grpc.StatusCode] = {
     sn.NotFound: grpc.StatusCode.NOT_FOUND,
@@ -140,6 +141,8 @@ def _batches(found: list[Snapshot]) -> Iterator[Any]:
 
 def _claim_socket(address: str) -> None:
     """Remove a socket file left by a snapshotter that died; refuse if one still listens there."""
+    if len(os.fsencode(os.path.abspath(address))) > UNIX_PATH_MAX:
+        raise NaiadError(f"socket path {address} is too long (at most {UNIX_PATH_MAX} bytes)")
     os.makedirs(os.path.dirname(address) or ".", exist_ok=True)
     try:
         mode = os.lstat(address).st_mode
