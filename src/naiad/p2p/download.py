@@ -21,6 +21,7 @@ class PieceDownload:
         self._changed = asyncio.Event()
         self.error: BaseException | None = None
         self.finished = False
+        self.waiting: list[tuple[int, int]] = []  # spans readers are blocked on now (fetched first)
 
     @classmethod
     def complete(cls, data: bytes) -> PieceDownload:
@@ -85,7 +86,12 @@ class PieceDownload:
                 raise self.error
             if self.finished:
                 raise EOFError(f"piece ended at {pos} of {self.length} bytes")
-            await self._changed.wait()
+            span = (pos, hi)
+            self.waiting.append(span)
+            try:
+                await self._changed.wait()
+            finally:
+                self.waiting.remove(span)
 
     async def wait(self) -> bytes:
         """The whole piece, once complete."""

@@ -47,7 +47,7 @@ WAIT_STEP = 2.0  # seconds the scheduler may hold a request while another peer f
 MAX_WAIT = 60.0  # then this peer fetches it from the source itself
 PARENT_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=2, sock_read=10)
 PRELOAD_WORKERS = 4
-BACKGROUND_PART = 512 << 10  # the rest of a lazily read piece comes from the source in parts this big
+BACKGROUND_PART = 256 << 10  # the rest of a lazily read piece comes from the source in parts this big
 
 
 @dataclasses.dataclass
@@ -83,6 +83,7 @@ class Peer:
         self._parents: aiohttp.ClientSession | None = None
         self._urgent_sources = 0  # source fetches of spans a reader waits for, running now
         self._sources_idle = asyncio.Event()
+        self._background_busy = False
         self._known_by: set[str] = set()  # schedulers that have our holdings
 
     # --- life ---------------------------------------------------------------------------
@@ -296,23 +297,48 @@ class Peer:
             await loop.run_in_executor(self.sources.pool, self.sources.stream, registry, repo, record.digest,
                                        offset + a, offset + b, sink)
 
+        async def urgent(a: int, b: int) -> None:
+            self._urgent_sources += 1
+            try:
+                await fetch(a, b)
+            finally:
+                self._urgent_sources -= 1
+                if not self._urgent_sources:
+                    self._sources_idle.set()
+
         try:
             if want is None or want == (0, length):
                 await fetch(0, length)
             else:
-                self._urgent_sources += 1
-                try:
-                    await fetch(*want)
-                finally:
-                    self._urgent_sources -= 1
-                    if not self._urgent_sources:
+                await urgent(*want)
+                parts = [(p, min(p + BACKGROUND_PART, b)) for a, b in ((want[1], length), (0, want[0]))
+                         for p in range(a, b, BACKGROUND_PART)]
+                while parts:
+                    # A reader that joined this piece later and waits: its parts first, as urgent.
+                    blocked = [p for p in parts if any(p[0] < hi and lo < p[1] for lo, hi in dl.waiting)]
+                    if blocked:
+                        # In one request: the blocked parts that follow each other.
+                        run = [blocked[0]]
+                        for p in blocked[1:]:
+                            if p[0] != run[-1][1]:
+                                break
+                            run.append(p)
+                        await urgent(run[0][0], run[-1][1])
+                        parts = [p for p in parts if p not in run]
+                        continue
+                    if self._urgent_sources or self._background_busy:
+                        # One background part at a time per peer, none while a reader waits.
+                        self._sources_idle.clear()
+                        with contextlib.suppress(TimeoutError):
+                            # Woken by idleness, or after a bit to look for readers of this piece.
+                            await asyncio.wait_for(self._sources_idle.wait(), 0.02)
+                        continue
+                    self._background_busy = True
+                    try:
+                        await fetch(*parts.pop(0))
+                    finally:
+                        self._background_busy = False
                         self._sources_idle.set()
-                for a, b in ((want[1], length), (0, want[0])):
-                    for part in range(a, b, BACKGROUND_PART):
-                        while self._urgent_sources:
-                            self._sources_idle.clear()
-                            await self._sources_idle.wait()
-                        await fetch(part, min(part + BACKGROUND_PART, b))
         except SourceError:
             self.metrics.piece_failures.labels("source").inc()
             await self._report(record, index, "source", ok=False)
