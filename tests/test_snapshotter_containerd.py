@@ -148,6 +148,9 @@ def test_restarts_between_pull_and_run(images, node: Node):
     while daemons_of(node.home) and time.monotonic() < deadline:
         time.sleep(0.05)
     node.start_snapshotter()
+    deadline = time.monotonic() + 60  # the re-mount runs in the background
+    while "re-mounted lazy mount" not in node.snapshotter.log_tail(200) and time.monotonic() < deadline:
+        time.sleep(0.1)
     [again] = daemons_of(node.home)
     assert again != daemon and "re-mounted lazy mount" in node.snapshotter.log_tail(200)
     assert node.run(naiad, "app-1") == HELLO

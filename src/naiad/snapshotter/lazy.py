@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 
 from naiad.errors import NaiadError
@@ -127,21 +128,30 @@ class LazyMounts:
             subprocess.run(["umount", "-l", mnt], capture_output=True, check=False)
 
     def recover(self) -> None:
-        """At start: release mounts no snapshot uses; re-attach to (or re-mount) the others."""
+        """At start: release mounts no snapshot uses, re-attach to the live ones; re-mount the dead ones
+        in a background thread, so that a slow registry does not hold up serving."""
         with self.store.transaction() as tx:
             keys = [(k, tx.lazy_users(k)) for k in tx.lazy_keys()]
+        dead = []
         for key, users in keys:
             if not users:
                 self.release(key)
-                continue
-            attached = self.alive(key)
+            elif self.alive(key):
+                log.info("re-attached to lazy mount %s", key)
+            else:
+                dead.append(key)
+        if dead:
+            threading.Thread(target=self._remount, args=(dead,), name="remount", daemon=True).start()
+
+    def _remount(self, keys: list[str]) -> None:
+        for key in keys:
             try:
                 self.ensure(key)
             except NaiadError as e:
-                # Serve anyway: the next Mounts/Prepare on it tries again.
+                # The next Mounts or Prepare on a snapshot of it tries again.
                 log.error("cannot mount lazy image %s again: %s", key, e)
                 continue
-            log.info("%s lazy mount %s", "re-attached to" if attached else "re-mounted", key)
+            log.info("re-mounted lazy mount %s", key)
 
     def cleanup(self) -> None:
         """Release the mounts no snapshot uses, and directories no row names (left by a crash)."""

@@ -118,7 +118,7 @@ class Snapshotter:
         for entry in os.listdir(self.snapshots_dir):
             if entry.startswith("new-"):
                 shutil.rmtree(os.path.join(self.snapshots_dir, entry), ignore_errors=True)
-        self.lazy.recover()
+        self.lazy.recover()  # re-mounts continue in the background
 
     def close(self) -> None:
         self.store.close()
