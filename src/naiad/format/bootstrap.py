@@ -69,6 +69,8 @@ CREATE TABLE chunks (
     usize INTEGER NOT NULL,
     uoffset INTEGER NOT NULL
 );
+-- Read amplification asks "the chunks stored after this one in its blob" on every miss.
+CREATE INDEX chunks_place ON chunks (blob, offset);
 CREATE TABLE file_chunks (
     ino INTEGER NOT NULL,
     foffset INTEGER NOT NULL,

@@ -143,7 +143,9 @@ class ChunkFetcher:
             return items
         extra: dict[bytes, Chunk] = {}
         offsets = [c.offset for c in items]
-        for c in items:
+        for i, c in enumerate(items):
+            if i + 1 < len(items) and items[i + 1].offset == c.offset + c.csize:
+                continue  # the asked chunk after it reads ahead for both
             budget = self.amplify - c.csize
             for n in self.bootstrap.blob_chunks_after(blob_id, c.offset + c.csize, 64):
                 if budget < n.csize:
