@@ -22,6 +22,7 @@ import hashlib
 import os
 import shutil
 import signal
+import stat
 import subprocess
 from pathlib import Path
 
@@ -48,8 +49,9 @@ from test_mount import (
 )
 from treecmp import compare_trees
 
+from naiad.format.bootstrap import Bootstrap, BootstrapWriter
 from naiad.format.erofs import erofs_image, write_erofs
-from naiad.fs.kernel import erofs_available
+from naiad.fs.kernel import erofs_available, mount_erofs, umount
 
 # The mount tests' module fixtures: the corpus images and umoci's unpack of each.
 corpus = test_mount.corpus
@@ -226,3 +228,60 @@ def test_fsck_accepts_the_image_and_it_is_reproducible(corpus, registry: Registr
             rel = path.relative_to(mnt)
             assert (out / rel).read_bytes() == path.read_bytes(), rel
     node.umount(mnt)
+
+
+def test_many_blobs_and_holes_without_blobfs(tmp_path: Path) -> None:
+    """The writer alone, mounted over plain files: 40 blobs (the device table outgrows block 0),
+    files spanning chunks in two blobs, a chunk with no row (a hole: zeros), 64 KiB chunks."""
+    chunk = 64 * KiB
+    path = str(tmp_path / "bs.db")
+    w = BootstrapWriter(path, chunk)
+    blobs = 40
+    inodes = [(1, stat.S_IFDIR | 0o755, 2, 0, 0, 0, 1_700_000_000, 7, 0, None)]
+    dentries, chunks, file_chunks = [], [], []
+    device_bytes = {b: bytearray() for b in range(1, blobs + 1)}
+    expected: dict[str, bytes] = {}
+    for i in range(blobs):
+        ino, blob, other = i + 2, i + 1, (i + 1) % blobs + 1
+        parts = [rand(chunk, 3 * i), None, rand(1000 + i, 3 * i + 1)]  # chunk 1 has no row: zeros
+        data = parts[0] + bytes(chunk) + parts[2]
+        mtime = 1_600_000_000 + i
+        inodes.append((ino, stat.S_IFREG | 0o644, 1, 1000 + i, 2000 + i, len(data), mtime, i, 0, None))
+        dentries.append((1, f"f{i:02d}".encode(), ino))
+        for index, (part, home) in enumerate(zip(parts, (blob, None, other), strict=True)):
+            if part is None:
+                continue
+            store = device_bytes[home]
+            store += bytes(-len(store) % 4096)
+            cid = len(chunks) + 1
+            chunks.append((cid, hashlib.sha256(part).digest(), home, 0, len(part), len(part), len(store)))
+            file_chunks.append((ino, index * chunk, cid))
+            store += part
+        expected[f"f{i:02d}"] = data
+    w.add_inodes(inodes)
+    w.add_dentries(dentries)
+    w.add_blobs([(b, f"sha256:{b:064x}", len(device_bytes[b]), "none") for b in device_bytes])
+    w.add_chunks(chunks)
+    w.add_file_chunks(file_chunks)
+    w.finish()
+    devices = []
+    for b, data in device_bytes.items():
+        devices.append(tmp_path / f"dev{b}")
+        # Whole blocks, as blobfs serves them: EROFS takes a short read of the last block for EIO.
+        devices[-1].write_bytes(bytes(data) + bytes(-len(data) % 4096))
+    image = tmp_path / "image.erofs"
+    with Bootstrap(path) as bs:
+        write_erofs(bs, str(image))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mount_erofs(str(image), [str(d) for d in devices], str(mnt))
+    try:
+        for name, data in expected.items():
+            st = (mnt / name).lstat()
+            i = int(name[1:])
+            mtime_ns = (1_600_000_000 + i) * 10**9 + i
+            assert (st.st_uid, st.st_gid, st.st_mtime_ns) == (1000 + i, 2000 + i, mtime_ns)
+            assert (mnt / name).read_bytes() == data, name
+        assert os.lstat(mnt).st_mtime_ns == 1_700_000_000 * 10**9 + 7
+    finally:
+        umount(str(mnt))

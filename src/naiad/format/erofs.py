@@ -115,13 +115,16 @@ class _Record:
     chunks: list[tuple[int, int, int]] = field(default_factory=list)  # (foffset, blob id, uoffset)
 
 
-def _records(bs: Bootstrap) -> Iterator[_Record]:
-    """Every inode in inode order, with its directory entries, xattrs and chunks (merge of 4 scans)."""
+def _records(bs: Bootstrap, with_chunks: bool) -> Iterator[_Record]:
+    """Every inode in inode order, with its directory entries, xattrs and (if asked) chunks: a merge
+    of ordered scans. Placing needs no chunks (a file's size says how many indexes it has)."""
     entries = _scan(bs, "SELECT d.parent, d.name, d.ino, i.mode FROM dentries d"
                         " JOIN inodes i ON i.ino = d.ino ORDER BY d.parent, d.name")
     xattrs = _scan(bs, "SELECT ino, name, value FROM xattrs ORDER BY ino, name")
-    chunks = _scan(bs, "SELECT f.ino, f.foffset, c.blob, c.uoffset FROM file_chunks f"
-                       " JOIN chunks c ON c.id = f.chunk ORDER BY f.ino, f.foffset")
+    chunks = iter(())
+    if with_chunks:
+        chunks = _scan(bs, "SELECT f.ino, f.foffset, c.blob, c.uoffset FROM file_chunks f"
+                           " JOIN chunks c ON c.id = f.chunk ORDER BY f.ino, f.foffset")
     pending_e, pending_x, pending_c = next(entries, None), next(xattrs, None), next(chunks, None)
     for row in _scan(bs, "SELECT ino, mode, nlink, uid, gid, size, mtime, mtime_nsec, rdev, target"
                          " FROM inodes ORDER BY ino"):
@@ -304,7 +307,7 @@ def write_erofs(bs: Bootstrap, path: str) -> None:
         raise FormatError("bootstrap has no root inode")
 
     placing = _Writer(meta_block * BLOCK, chunk_bits, devices, nid_of, parents)
-    for rec in _records(bs):
+    for rec in _records(bs, with_chunks=False):
         placing.place(rec)
     if nid_of[ROOT_INO] != 0:
         raise FormatError("root inode is not first")
@@ -317,7 +320,7 @@ def write_erofs(bs: Bootstrap, path: str) -> None:
             f.seek(meta_block * BLOCK)
             writer = _Writer(meta_block * BLOCK, chunk_bits, devices, nid_of, parents, out=f)
             writer.data_start_block = data_block
-            for rec in _records(bs):
+            for rec in _records(bs, with_chunks=True):
                 writer.place(rec)
             if writer.placed != placing.placed or writer.pos != placing.pos:
                 raise FormatError("EROFS layout changed between passes")  # a bug, never bad input
