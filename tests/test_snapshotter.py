@@ -17,7 +17,9 @@ import grpc
 import pytest
 from snapshotter_helpers import SnapshotterProcess, release_lazy_mounts
 
-from naiad.snapshotter import filters
+from naiad.oci.image import Platform, RegistryOptions
+from naiad.oci.reference import parse_reference
+from naiad.snapshotter import filters, remote
 from naiad.snapshotter.api import snapshots_pb2 as pb
 from naiad.snapshotter.api.snapshots_pb2_grpc import SnapshotsStub
 
@@ -64,6 +66,20 @@ def test_filter_syntax():
     assert filters.parse("kind!=active,labels.x")[1] == filters.Selector(("labels", "x"), None, "")
     with pytest.raises(filters.FilterError):
         filters.parse('name=="unterminated')
+
+
+def test_label_families_and_insecure_registries():
+    stargz = {remote.LABEL_SNAPSHOT_REF: "sha256:chain", remote.STARGZ_REF: "10.0.0.5:5000/app:v1",
+              remote.STARGZ_DIGEST: "sha256:layer", "containerd.io/snapshot/remote/stargz.layers": "x"}
+    cri = {remote.CRI_REF: "10.0.0.5:5000/app:v1", remote.CRI_DIGEST: "sha256:layer",
+           remote.CRI_MANIFEST: "sha256:manifest", "containerd.io/gc.root": "dropped"}
+    assert remote.image_and_layer(stargz) == ("10.0.0.5:5000/app:v1", "sha256:layer", None)
+    assert remote.image_and_layer(cri) == ("10.0.0.5:5000/app:v1", "sha256:layer", "sha256:manifest")
+    assert remote.image_and_layer({remote.LABEL_SNAPSHOT_REF: "sha256:chain"}) is None
+    assert "containerd.io/gc.root" not in remote.inheritable(cri)
+    resolver = remote.Resolver(RegistryOptions(), frozenset({"10.0.0.5:5000"}), Platform())
+    assert resolver.options_for(parse_reference("10.0.0.5:5000/app:v1")).plain_http is True
+    assert resolver.options_for(parse_reference("10.0.0.6:5000/app:v1")).plain_http is None
 
 
 def test_layers_mounts_and_status_codes(stub: SnapshotsStub, sn: SnapshotterProcess):
