@@ -353,8 +353,8 @@ class Peer:
                       started: float) -> None:
         """Keep a verified piece, tell the scheduler, and check the whole blob once all are here."""
         evicted = await asyncio.to_thread(self.store.put, record, index, data, hexdigest)
-        for digest in evicted:
-            self.spawn(self._update_digest(digest, dropped=True))
+        for gone in evicted:
+            self.spawn(self._update(gone, dropped=True))
         if self.store.has(record.digest, index):
             await self._report(record, index, origin, ok=True, digest=hexdigest, bytes=len(data),
                                seconds=time.monotonic() - started)
@@ -402,11 +402,6 @@ class Peer:
     async def _update(self, record: TaskRecord, **flags: bool) -> None:
         await self.schedulers.for_task(record.digest, "/api/v1/update", {
             "peer": self.id, "task": record.digest, "size": record.size, **flags})
-
-    async def _update_digest(self, digest: str, **flags: bool) -> None:
-        # The record is gone (evicted); the scheduler only needs the digest and a size it knows.
-        record = TaskRecord(digest, 0, 1)
-        await self._update(record, **flags)
 
     # --- whole tasks (preheat, seed work) -------------------------------------------------------
 

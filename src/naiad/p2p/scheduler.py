@@ -27,7 +27,7 @@ import aiohttp
 from aiohttp import web
 
 from naiad.p2p.metrics import SchedulerMetrics, metrics_handler
-from naiad.p2p.pieces import check_task, is_piece_hash, piece_count, piece_size_for
+from naiad.p2p.pieces import P2PError, check_task, is_piece_hash, piece_count, piece_size_for
 from naiad.p2p.security import auth_header, token_middleware
 from naiad.p2p.wire import bad_request, field, int_list, read_json
 
@@ -147,7 +147,7 @@ class Scheduler:
     def _task(self, body: dict[str, Any]) -> TaskState:
         try:
             digest = check_task(field(body, "task", str))
-        except Exception:
+        except P2PError:
             raise bad_request("task must be a sha256 digest") from None
         size = field(body, "size", int)
         if size < 0:
@@ -240,7 +240,10 @@ class Scheduler:
     async def schedule(self, body: dict[str, Any]) -> dict[str, Any]:
         peer, task = self._peer(body), self._task(body)
         wanted = [i for i in int_list(body, "pieces", MAX_PIECES_PER_CALL) if i < task.count]
-        exclude = set(field(body, "exclude", list, []))
+        exclude = field(body, "exclude", list, [])
+        if not all(isinstance(e, str) for e in exclude):
+            raise bad_request("exclude must list peer ids")
+        exclude = set(exclude)
         urgent = field(body, "urgent", bool, False)
         deadline = time.monotonic() + min(max(float(field(body, "wait", (int, float), 0.0)), 0.0), MAX_WAIT)
         while True:

@@ -169,7 +169,7 @@ class PieceStore:
             record.checked.add(index)
         return data
 
-    def put(self, record: TaskRecord, index: int, data: bytes, hexdigest: str) -> list[str]:
+    def put(self, record: TaskRecord, index: int, data: bytes, hexdigest: str) -> list[TaskRecord]:
         """Store a piece already checked against `hexdigest`; returns the tasks evicted for room.
 
         When even eviction cannot make room (the quota is smaller than what is
@@ -227,10 +227,10 @@ class PieceStore:
         record.bytes = 0
         shutil.rmtree(self._dir(record.digest), ignore_errors=True)
 
-    def _make_room(self, need: int, keep: TaskRecord) -> list[str]:
+    def _make_room(self, need: int, keep: TaskRecord) -> list[TaskRecord]:
         if self.quota is None:
             return []
-        evicted: list[str] = []
+        evicted: list[TaskRecord] = []
         for record in sorted(self.tasks.values(), key=lambda r: r.last_used):
             if self.usage() + need <= self.quota:
                 break
@@ -238,5 +238,5 @@ class PieceStore:
                 continue
             log.info("store: evicting %s (%d bytes) for the quota", record.digest, record.bytes)
             self._remove(record)
-            evicted.append(record.digest)
+            evicted.append(record)
         return evicted
