@@ -156,6 +156,10 @@ def test_restarts_between_pull_and_run(images, node: Node):
     assert node.run(naiad, "app-1") == HELLO
     node.containerd.restart()
     assert node.run(naiad, "app-2", "/bin/sh", "-c", "cat /data/files/f042") == app_file(42)
+    # The daemon dies under a running snapshotter: the next container's Prepare mounts the image again.
+    subprocess.run(["kill", "-9", str(again)], check=True)
+    assert node.run(naiad, "app-3", "/bin/sh", "-c", "cat /data/files/f043") == app_file(43)
+    assert len(daemons_of(node.home)) == 1 and again not in daemons_of(node.home)
 
 
 def test_removing_the_image_releases_mounts_in_each_namespace(images, node: Node):

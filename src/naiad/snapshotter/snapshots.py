@@ -178,6 +178,7 @@ class Snapshotter:
     def _create(self, kind: Kind, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
         if not key:
             raise InvalidArgument("empty snapshot key")
+        owner = self._owner_of(parent)
         tmp = tempfile.mkdtemp(prefix="new-", dir=self.snapshots_dir)
         path = None
         try:
@@ -190,16 +191,29 @@ class Snapshotter:
                 p = self._parent(tx, parent)
                 snap = tx.insert(key, p.id if p else None, kind, labels)
                 parents = tx.chain(snap)
-                if p is not None:
-                    # The new layer's root belongs to whoever owns the parent's (containerd does this).
-                    st = os.stat(self._fs(p))
-                    os.lchown(os.path.join(tmp, "fs"), st.st_uid, st.st_gid)
+                if owner is not None:
+                    os.lchown(os.path.join(tmp, "fs"), *owner)
                 path = self._dir(snap.id)
                 os.rename(tmp, path)
         except BaseException:
             shutil.rmtree(path or tmp, ignore_errors=True)
             raise
         return self._mounts(snap, parents)
+
+    def _owner_of(self, parent: str) -> tuple[int, int] | None:
+        """(uid, gid) of the parent's root: a new layer's root gets them, as with containerd's overlayfs.
+
+        Read before the transaction that creates the snapshot: a lazy parent may have to be
+        mounted again first, which takes time and transactions of its own.
+        """
+        with self.store.transaction() as tx:
+            p = self._parent(tx, parent)
+        if p is None:
+            return None
+        if p.lazy:
+            self.lazy.ensure(p.lazy)
+        st = os.stat(self._fs(p))
+        return st.st_uid, st.st_gid
 
     def _commit_remote(self, key: str, parent: str, target: str, labels: dict[str, str],
                        layer: NaiadLayer) -> str:
