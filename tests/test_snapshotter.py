@@ -34,8 +34,9 @@ def sn(tmp_path: Path):
     try:
         yield proc
     finally:
-        proc.stop()
+        code = proc.stop()
         release_lazy_mounts(proc.root, proc.home)
+    assert code == 0, proc.log_tail()  # SIGTERM is a clean stop
 
 
 @pytest.fixture
