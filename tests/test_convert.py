@@ -9,13 +9,24 @@ registry.
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
 from corpus import ALL_IMAGES, image, write_corpus
-from imagegen import write_docker_archive, write_multiplatform_layout, write_oci_layout
+from imagegen import (
+    SIMPLE_LAYER,
+    File,
+    encode_layer,
+    make_layer_tar,
+    write_docker_archive,
+    write_multiplatform_layout,
+    write_oci_layout,
+    write_oci_layout_blobs,
+)
 from treecmp import compare_trees, umoci_unpack
 
 from naiad.cli import main
@@ -89,6 +100,28 @@ def test_docker_archive_source(reference_rootfs, tmp_path):
     write_docker_archive(archive, image("hardlinks"), repo_tag="naiad-test/hl:1")
     dest = convert_and_unpack(f"docker-archive:{archive}:naiad-test/hl:1", tmp_path)
     assert compare_trees(reference_rootfs("hardlinks"), dest) == []
+
+
+def _tar_without_end(entries) -> tuple[bytes, int]:
+    """A tar of `entries` cut right after its last member's data; and where that data starts."""
+    tar = make_layer_tar(entries)
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        last = tf.getmembers()[-1]
+    assert last.isreg() and last.size % 512, "the last member must be a file with padding"
+    return tar[: last.offset_data + last.size], last.offset_data
+
+
+def test_layer_without_padding_and_end_blocks(tmp_path, capsys):
+    """umoci's `insert` writes such layers and containerd takes them: so does naiad; cut data it refuses."""
+    tar, data_start = _tar_without_end([*SIMPLE_LAYER, File(path="tail", data=b"t" * 1000)])
+    info = write_oci_layout_blobs(tmp_path / "src", [encode_layer(tar)], "t")
+    dest = convert_and_unpack(info.ref, tmp_path)
+    assert compare_trees(umoci_unpack(tmp_path / "src", "t", tmp_path / "ref"), dest) == []
+
+    cut = write_oci_layout_blobs(tmp_path / "cut", [encode_layer(tar[: data_start + 1])], "t")
+    capsys.readouterr()
+    assert naiad("convert", cut.ref, f"oci:{tmp_path / 'out'}:t") == 1
+    assert "truncated" in capsys.readouterr().err
 
 
 def test_direct_build_equals_directory(reference_rootfs, tmp_path, capsys):

@@ -100,6 +100,22 @@ _DECODE_ERRORS = (
 )
 
 
+class _CountingReader:
+    """Counts the bytes read through it and notes when its source has ended."""
+
+    def __init__(self, raw: object):
+        self._raw = raw
+        self.count = 0
+        self.ended = False
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._raw.read(n)  # type: ignore[attr-defined]
+        self.count += len(data)
+        if not data and n != 0:
+            self.ended = True
+        return data
+
+
 class _GuardedFile:
     """A member's data stream whose decoding errors become InvalidLayerError."""
 
@@ -134,9 +150,23 @@ class LayerReader:
 
     def entries(self) -> Iterator[tuple[LayerEntry, BinaryIO | None]]:
         """(entry, data stream for regular files) in tar order; read the stream before next()."""
+        stream = _CountingReader(self._tar_stream)
         try:
-            with tarfile.open(fileobj=self._tar_stream, mode="r|", errors="surrogateescape") as tf:
-                for info in tf:
+            with tarfile.open(fileobj=stream, mode="r|", errors="surrogateescape") as tf:
+                last: tarfile.TarInfo | None = None
+                while True:
+                    try:
+                        info = tf.next()
+                    except tarfile.ReadError:
+                        # The stream stopped right after the last member's data, with neither its
+                        # padding nor the end-of-archive blocks (umoci's `insert` writes such layers).
+                        # Go's reader, and so containerd, accepts that; data cut short it does not.
+                        if last is not None and stream.ended and stream.count >= last.offset_data + last.size:
+                            break
+                        raise
+                    if info is None:
+                        break
+                    last = info
                     entry = self._entry(info)
                     data = tf.extractfile(info) if entry.kind == "reg" else None
                     yield entry, (_GuardedFile(data, self.what) if data else None)  # type: ignore[misc]
