@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
+import re
 import secrets
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from p2p_cluster import Cluster, blob_url, get, metric, push_blob, registry_blob_bytes
+from p2p_cluster import Cluster, Daemon, blob_url, get, metric, push_blob, registry_blob_bytes
 from registry_server import free_port
 
 from naiad.oci.image import Descriptor
@@ -354,3 +355,54 @@ def test_status_shows_peers_tasks_and_who_downloaded_from_whom(cluster: Cluster,
     text = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     assert f"{b.id} <- {a.id}" in text
     assert metric(f"http://{cluster.scheduler_addr}/metrics", "naiad_scheduler_peer_bytes_total") == len(data)
+
+
+def test_upload_slots_and_rate_limit_what_a_peer_serves(cluster: Cluster, registry) -> None:
+    data = secrets.token_bytes(2 * PIECE)
+    repo = unique_repo("limits")
+    digest = push_blob(registry.host, repo, data)
+    peer = cluster.peer("node", "--upload-slots", "1", "--upload-rate", "2M")
+    assert get(blob_url(peer, registry.host, repo, digest)).content == data
+    good = {"Authorization": f"Bearer {cluster.token}"}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        t0 = time.monotonic()
+        url = f"http://{peer.listen}/api/v1/pieces/{digest}"
+        first = pool.submit(httpx.get, f"{url}/0", headers=good, timeout=30)
+        time.sleep(0.5)  # the first upload holds the only slot (4 MiB at 2 MiB/s: about 1.5 s)
+        second = httpx.get(f"{url}/1", headers=good, timeout=30)
+        assert second.status_code == 503 and second.headers["retry-after"] == "1"
+        assert first.result().content == data[:PIECE]
+        assert time.monotonic() - t0 >= 1.0  # the 1 MiB burst, then 2 MiB/s
+    assert metric(f"http://{peer.proxy}/metrics", "naiad_p2p_upload_refused_total") == 1
+
+
+def test_two_schedulers_split_tasks_by_consistent_hashing(cluster: Cluster, registry) -> None:
+    from naiad.p2p.client import Ring
+
+    first = cluster.scheduler_addr
+    argv = ["scheduler", "--listen", "127.0.0.1:0", "--token-file", str(cluster.token_file)]
+    second = Daemon("scheduler2", argv, cluster.root / "scheduler2.log", re.compile(r"listening on (\S+)"))
+    cluster.daemons.append(second)
+    second.start()
+    both = f"{first},{second.match[1]}"
+    a, b = cluster.peer("a", scheduler=both), cluster.peer("b", scheduler=both)
+    ring = Ring([first, second.match[1]])
+    repo = unique_repo("ring")
+    per_scheduler: dict[str, dict[str, bytes]] = {first: {}, second.match[1]: {}}
+    while min(map(len, per_scheduler.values())) < 2:  # two blobs owned by each scheduler
+        data = secrets.token_bytes(100_000)
+        per_scheduler[ring.owner(sha(data))][sha(data)] = data
+    blobs = {d: data for group in per_scheduler.values() for d, data in group.items()}
+    for data in blobs.values():
+        push_blob(registry.host, repo, data)
+    for digest, data in blobs.items():
+        for peer in (a, b):
+            assert get(blob_url(peer, registry.host, repo, digest)).content == data
+        assert registry_blob_bytes(registry, digest) == len(data)  # b got it from a
+
+    def tasks_on(addr: str) -> set[str]:
+        r = httpx.get(f"http://{addr}/api/v1/status", headers={"Authorization": f"Bearer {cluster.token}"})
+        return {t["digest"] for t in r.json()["tasks"]}
+
+    for addr in (first, second.match[1]):
+        assert tasks_on(addr) == {d for d in blobs if ring.owner(d) == addr}

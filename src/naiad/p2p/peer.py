@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import random
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -47,6 +48,7 @@ WAIT_STEP = 2.0  # seconds the scheduler may hold a request while another peer f
 MAX_WAIT = 60.0  # then this peer fetches it from the source itself
 PARENT_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=2, sock_read=10)
 PRELOAD_WORKERS = 4
+BUSY_BACKOFF = 0.1  # seconds (jittered) before asking again when every named parent was busy
 BACKGROUND_PART = 256 << 10  # the rest of a lazily read piece comes from the source in parts this big
 
 
@@ -241,14 +243,22 @@ class Peer:
                 continue  # someone else is fetching it from the source: wait for it
             if decision.get("source"):
                 break
+            busy = False
             for parent in decision.get("parents", []):
-                if await self._from_parent(record, index, dl, parent, decision["digest"]):
+                outcome = await self._from_parent(record, index, dl, parent, decision["digest"])
+                if outcome == "ok":
                     return
-                exclude.append(parent["id"])
+                if outcome == "busy":
+                    busy = True  # a parent with no free upload slot now is asked again later
+                else:
+                    exclude.append(parent["id"])
+            if busy:
+                await asyncio.sleep(BUSY_BACKOFF * (0.5 + random.random()))
         await self._from_source(record, index, dl, registry, repo, want if urgent else None)
 
     async def _from_parent(self, record: TaskRecord, index: int, dl: PieceDownload,
-                           parent: dict[str, str], digest: str) -> bool:
+                           parent: dict[str, str], digest: str) -> str:
+        """"ok" (the piece is in `dl` and stored), "busy" (no free upload slot) or "failed"."""
         assert self._parents is not None
         length = dl.length
         started = time.monotonic()
@@ -263,7 +273,7 @@ class Peer:
                         self.metrics.piece_seconds.labels("peer").observe(time.monotonic() - started)
                         dl.fill_all(data)
                         await self._stored(record, index, data, digest, parent["id"], started)
-                        return True
+                        return "ok"
                     reason = "corrupt"
                     failure["corrupt"] = True
                     log.warning("peer %s served a corrupt piece %d of %s; reported", parent["id"], index,
@@ -271,12 +281,13 @@ class Peer:
                 else:
                     reason = f"http {response.status}" if response.status != 200 else "wrong length"
                     failure["missing"] = response.status == 404
+                    failure["busy"] = response.status == 503
         except (aiohttp.ClientError, TimeoutError) as e:
             reason = type(e).__name__
         self.metrics.piece_failures.labels(reason.split()[0]).inc()
         log.info("piece %d of %s from %s failed: %s", index, record.digest, parent["id"], reason)
         await self._report(record, index, parent["id"], ok=False, **failure)
-        return False
+        return "busy" if failure.get("busy") else "failed"
 
     async def _from_source(self, record: TaskRecord, index: int, dl: PieceDownload, registry: str,
                            repo: str, want: tuple[int, int] | None) -> None:

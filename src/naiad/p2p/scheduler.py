@@ -293,7 +293,8 @@ class Scheduler:
                     old = parent.throughput
                     parent.throughput = rate if not old else 0.7 * old + 0.3 * rate
         elif parent is not None:
-            parent.fail(now)
+            if not field(body, "busy", bool, False):  # busy is no failure: it is ranked by free slots
+                parent.fail(now)
             if field(body, "corrupt", bool, False):
                 log.warning("peer %s served a corrupt piece %d of %s: not naming it for %.0f s",
                             parent.id, index, task.digest, BAN_SECONDS)
