@@ -102,6 +102,8 @@ def test_range_reads_are_exact_and_go_back_to_source_at_once(cluster: Cluster, r
     suffix = httpx.get(url_a, headers={"Range": "bytes=-77"}, timeout=30)
     assert suffix.status_code == 206 and suffix.content == data[-77:]
 
+    # The pieces those reads started are complete (their rest came in the background).
+    wait_for(lambda: _holders(cluster, digest).get(a.id) == 6, "a to hold pieces 0, 1, 3, 4, 5, 6")
     # Piece 2 is held by nobody: the read goes to the registry at once, and only for that piece.
     before = registry_blob_bytes(registry, digest)
     t0 = time.monotonic()

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 class PieceDownload:
     def __init__(self, length: int):
         self.length = length
-        self.buf = bytearray(length)
+        self.buf: bytearray | bytes = bytearray(length)
         self._spans: list[list[int]] = []  # sorted, merged [start, end) spans that have arrived
         self._changed = asyncio.Event()
         self.error: BaseException | None = None
@@ -36,6 +36,7 @@ class PieceDownload:
     def fill(self, offset: int, data: bytes) -> None:
         """Bytes [offset, offset + len(data)) arrived (from the source, in order per stream)."""
         end = offset + len(data)
+        assert isinstance(self.buf, bytearray)  # fill_all, which stores bytes, comes alone
         self.buf[offset:end] = data
         spans = self._spans
         spans.append([offset, end])
@@ -50,7 +51,7 @@ class PieceDownload:
         self._notify()
 
     def fill_all(self, data: bytes) -> None:
-        self.buf = bytearray(data) if not isinstance(data, bytearray) else data
+        self.buf = data  # kept as it is: a piece from a peer or the store is not copied
         self.length = len(data)
         self._spans = [[0, len(data)]]
         self.finish()
@@ -64,7 +65,7 @@ class PieceDownload:
         self._notify()
 
     def data(self) -> bytes:
-        return bytes(self.buf)
+        return self.buf if isinstance(self.buf, bytes) else bytes(self.buf)
 
     def _available(self, pos: int) -> int:
         """The end of the arrived span holding `pos` (pos itself if none does)."""

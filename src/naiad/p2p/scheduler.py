@@ -14,7 +14,6 @@ until something changes, so a waiting child hears of the new holder at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -79,20 +78,50 @@ class TaskState:
     source: tuple[str, str] | None = None  # (registry, repo) the last asker named, for seeds
     digests: dict[int, str] = dataclasses.field(default_factory=dict)
     holders: dict[int, set[str]] = dataclasses.field(default_factory=dict)
+    held: Counter[str] = dataclasses.field(default_factory=Counter)  # peer -> pieces it holds
     fetching: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)  # piece -> peer -> since
     complete: set[str] = dataclasses.field(default_factory=set)
     edges: Counter[tuple[str, str]] = dataclasses.field(default_factory=Counter)  # (child, parent) -> bytes
-    changed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    events: dict[int, asyncio.Event] = dataclasses.field(default_factory=dict)  # piece -> "it changed"
     last_active: float = 0.0
 
     @property
     def count(self) -> int:
         return piece_count(self.size, self.piece_size)
 
-    def notify(self) -> None:
-        """Wake every request waiting on this task (they re-decide)."""
-        self.changed.set()
-        self.changed = asyncio.Event()
+    def add_holder(self, index: int, peer_id: str) -> None:
+        holders = self.holders.setdefault(index, set())
+        if peer_id not in holders:
+            holders.add(peer_id)
+            self.held[peer_id] += 1
+
+    def drop_holder(self, index: int, peer_id: str) -> None:
+        holders = self.holders.get(index)
+        if holders is not None and peer_id in holders:
+            holders.discard(peer_id)
+            self.held[peer_id] -= 1
+
+    def drop_peer(self, peer_id: str) -> None:
+        for index in list(self.holders):
+            self.drop_holder(index, peer_id)
+        self.complete.discard(peer_id)
+
+    def notify(self, indices: list[int] | None = None) -> None:
+        """Wake the requests waiting on these pieces (all, by default): they decide again."""
+        for index in list(self.events) if indices is None else indices:
+            event = self.events.pop(index, None)
+            if event is not None:
+                event.set()
+
+    async def wait(self, indices: list[int], timeout: float) -> None:
+        """Until one of the pieces changes, or `timeout` seconds."""
+        events = [self.events.setdefault(i, asyncio.Event()) for i in indices]
+        waiters = [asyncio.ensure_future(e.wait()) for e in events]
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
 
 
 class Scheduler:
@@ -128,9 +157,7 @@ class Scheduler:
             log.info("peer %s at %s forgotten (silent %.0f s)", peer.id, peer.addr, now - peer.last_seen)
             del self.peers[peer.id]
             for task in self.tasks.values():
-                for holders in task.holders.values():
-                    holders.discard(peer.id)
-                task.complete.discard(peer.id)
+                task.drop_peer(peer.id)
         self.metrics.peers.set(sum(p.alive(now) for p in self.peers.values()))
 
     def _peer(self, body: dict[str, Any]) -> PeerState:
@@ -189,12 +216,12 @@ class Scheduler:
             log.warning("task %s piece %d: peer %s holds %s, recorded %s", task.digest, index, peer_id,
                         hexdigest[:12], known[:12])
             return False
-        task.holders.setdefault(index, set()).add(peer_id)
+        task.add_holder(index, peer_id)
         return True
 
     def _score(self, peer: PeerState, task: TaskState, now: float) -> float:
         """Higher is better: free upload slots, throughput, how much of the task it holds; minus failures."""
-        held = sum(peer.id in h for h in task.holders.values()) / task.count
+        held = task.held[peer.id] / task.count
         return (peer.free / peer.slots - peer.assigned / peer.slots
                 + 0.5 * min(peer.throughput / 100e6, 1.0) + 0.3 * held + (0.2 if peer.seed else 0.0)
                 - peer.failures(now) + random.random() * 0.05)  # jitter: spread equals over parents
@@ -252,7 +279,7 @@ class Scheduler:
             answers = {}
             for index in wanted:
                 # Asking for a piece it was said to hold: it lost it (evicted, found corrupt).
-                task.holders.get(index, set()).discard(peer.id)
+                task.drop_holder(index, peer.id)
                 decision = self._decide(task, index, peer, urgent, exclude, now, seed_work)
                 if decision is not None:
                     answers[str(index)] = decision
@@ -260,9 +287,7 @@ class Scheduler:
                 self._spawn(self._tell_seed(self.peers[seed_id], task, pieces))
             if answers or now >= deadline:
                 return {"pieces": answers}
-            changed = task.changed
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), deadline - now)
+            await task.wait(wanted, deadline - now)
 
     def report(self, body: dict[str, Any]) -> dict[str, Any]:
         """A peer tells how getting a piece went (from a parent, or from the source)."""
@@ -301,8 +326,8 @@ class Scheduler:
                 self.metrics.bad_pieces.inc()
                 parent.banned_until = now + BAN_SECONDS
             if field(body, "missing", bool, False) or parent.banned_until > now:
-                task.holders.get(index, set()).discard(parent.id)
-        task.notify()
+                task.drop_holder(index, parent.id)
+        task.notify([index])
         return answer
 
     def update(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -311,9 +336,7 @@ class Scheduler:
         if field(body, "complete", bool, False):
             task.complete.add(peer.id)
         if field(body, "dropped", bool, False):
-            task.complete.discard(peer.id)
-            for holders in task.holders.values():
-                holders.discard(peer.id)
+            task.drop_peer(peer.id)
         task.notify()
         return {}
 
@@ -375,9 +398,8 @@ class Scheduler:
                  for p in self.peers.values()]
         tasks = []
         for t in self.tasks.values():
-            held = Counter(h for holders in t.holders.values() for h in holders)
             tasks.append({"digest": t.digest, "size": t.size, "pieces": t.count, "piece_size": t.piece_size,
-                          "known_pieces": len(t.digests), "holders": dict(held),
+                          "known_pieces": len(t.digests), "holders": {p: n for p, n in t.held.items() if n},
                           "complete": sorted(t.complete),
                           "source": "/".join(t.source) if t.source else None,
                           "edges": [{"child": c, "parent": p, "bytes": b} for (c, p), b in t.edges.items()]})
