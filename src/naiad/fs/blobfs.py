@@ -89,8 +89,8 @@ class BlobFS(pyfuse3.Operations):
     def first_reads(self) -> list[tuple[int, int]]:
         """(ino, chunk index) of the files whose chunks reads started in, in first-read order.
 
-        Approximate, unlike FUSE mode's trace: a chunk the kernel already holds (read ahead with
-        a neighbour) is never asked for, and a chunk shared by files names them all.
+        Approximate, unlike FUSE mode's trace: EROFS asks only for pages it does not hold, so
+        a chunk shared by several files is seen once and names them all.
         """
         order = {chunk: i for i, chunk in enumerate(self._started)}
         rows = self.bs.query("SELECT chunk, ino, foffset FROM file_chunks"
