@@ -47,7 +47,7 @@ WINDOW = 8  # pieces fetched ahead of a reader
 WAIT_STEP = 2.0  # seconds the scheduler may hold a request while another peer fetches the piece
 MAX_WAIT = 60.0  # then this peer fetches it from the source itself
 PARENT_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=2, sock_read=10)
-PRELOAD_WORKERS = 4
+PRELOAD_WORKERS = 8
 BUSY_BACKOFF = 0.1  # seconds (jittered) before asking again when every named parent was busy
 BACKGROUND_PART = 256 << 10  # the rest of a lazily read piece comes from the source in parts this big
 
@@ -86,6 +86,7 @@ class Peer:
         self._urgent_sources = 0  # source fetches of spans a reader waits for, running now
         self._sources_idle = asyncio.Event()
         self._background_busy = False
+        self._preloading: set[str] = set()  # tasks fetch_task is getting whole
         self._known_by: set[str] = set()  # schedulers that have our holdings
 
     # --- life ---------------------------------------------------------------------------
@@ -159,6 +160,11 @@ class Peer:
         digest fails (a wrong piece digest recorded) is never completed.
         """
         record = self.store.open_task(check_task(digest), size)
+        whole_pull = not urgent and (start, end) == (0, size)
+        if whole_pull and not record.complete and digest not in self._preloading:
+            # A whole-blob pull: keep PRELOAD_WORKERS pieces in flight however the reader
+            # advances, so the registry link and the parents never sit idle behind one slow piece.
+            self.spawn(self.fetch_task(digest, size, registry, repo))
         whole = hashlib.sha256() if (start, end) == (0, size) and not record.verified else None
         if whole is not None:
             self._whole_checks.add(digest)
@@ -420,6 +426,7 @@ class Peer:
                          pieces: list[int] | None = None) -> None:
         """Get pieces (all by default) of a task into the store, a few at a time."""
         record = self.store.open_task(digest, size)
+        self._preloading.add(digest)
         try:
             todo = [i for i in (range(record.count) if pieces is None else pieces)
                     if i < record.count and i not in record.pieces]
@@ -435,6 +442,7 @@ class Peer:
 
             await asyncio.gather(*(worker() for _ in range(PRELOAD_WORKERS)))
         finally:
+            self._preloading.discard(digest)
             self.store.release(record)
 
     # --- the piece server ---------------------------------------------------------------------
