@@ -24,14 +24,15 @@ content and caches are removed and the page cache dropped (`sync; echo 3 >
   not built.
 - `naiad-lazy`: `naiad run --plain-http REG/REPO:v1-naiad` (a runc container
   on an overlay of the lazy mount) when `naiad run` exists; else the mount path:
-- `naiad-mount`: `naiad mount --plain-http REF MNT` and the same chrooted run
-  as `oci` on an overlayfs (lower: the read-only lazy mount; upper: a temp
-  dir); with `naiad stats` of the mount. Measured beside `naiad run` too,
+- `naiad-mount`: `naiad mount --plain-http REF MNT` and the entrypoint run
+  chrooted (below) on an overlayfs (lower: the read-only lazy mount; upper: a
+  temp dir); with `naiad stats` of the mount. Measured beside `naiad run` too,
   for its statistics and to show what the container runtime costs.
 - `naiad-optimized`: the same on the image `naiad optimize` wrote (prefetch
   list from a recorded run); skipped with a note while that command is absent.
-- `floor`: the app on an already unpacked rootfs, warm (page cache hot after
-  one untimed run) and cold (after dropping the page cache).
+- `floor`: the app chrooted into a rootfs unpacked beforehand (`umoci raw
+  unpack`), warm (page cache hot after one untimed run) and cold (after
+  dropping the page cache).
 
 A chrooted run is `unshare --mount --propagation private` + a shell that
 mounts the overlay (naiad) and rbinds /dev, /proc and /sys into the root, then
@@ -43,7 +44,7 @@ own `bytes_fetched` etc. come from `naiad stats --json` a moment later.
 
 Workloads (`bench/images.py`): torchapp (entrypoint `/opt/venv/bin/python
 /app/main.py`), nodeapp (an Express app on Debian's Node.js) and djangoapp
-(Django + sympy + botocore from Debian packages: very many small files);
+(Django + sympy + botocore from Debian packages: many small files read at start);
 `--quick` the quickapp image (the standard library plus this Python's
 interpreter; it imports a few modules and prints `ready`). Each declares its
 ready line.
@@ -161,7 +162,7 @@ class Sample:
     registry_bytes: int | None = None  # sent by the registry until the ready line
     settled_bytes: int | None = None  # ... until the stats were read (a moment later)
     stats: dict | None = None  # `naiad stats --json` of the mount
-    daemon_cpu: float | None = None  # CPU seconds of the mount daemon until the ready line
+    daemon_cpu: float | None = None  # CPU seconds of the mount daemon (oci: containerd + ctr) by ready
     background: float | None = None  # cores busy with work not ours meanwhile (None: unknown)
 
 
@@ -380,6 +381,9 @@ def measure_containerd(the_lab: Lab, wl: Workload, ref: str, work: Path, method:
     with `ctr-remote image rpull` through a naiad snapshotter started for this run. containerd (and
     the snapshotter) start untimed with a fresh root, as daemons that run before any pull would.
     The background load is not known here: containerd, the shim and the app are not our children.
+    For `oci`, `daemon_cpu` is what containerd and ctr used by the ready line (the shim, runc and
+    the app not included), to tell work from waiting on a busy machine; for `naiad-containerd` it
+    stays unknown (the snapshotter's mount daemons are not ours to measure).
     """
     naiad = method == "naiad-containerd"
     env = dict(os.environ)
@@ -390,8 +394,11 @@ def measure_containerd(the_lab: Lab, wl: Workload, ref: str, work: Path, method:
             stack.enter_context(ctrd)
         except RuntimeError as e:  # it did not come up: its log is in the message
             raise BenchError(str(e)) from None
+        assert ctrd.proc is not None  # nsenter execs containerd: this is its pid
+        pid = ctrd.proc.pid
         snapshotter = ["--snapshotter", PROXY_PLUGIN] if naiad else []
         drop_caches()
+        cpu0 = process_cpu(pid) + children_cpu()
         tx0 = the_lab.registry_tx_bytes()
         start = time.perf_counter()
         if naiad:
@@ -407,8 +414,15 @@ def measure_containerd(the_lab: Lab, wl: Workload, ref: str, work: Path, method:
         t_ready = until_ready(ctrd.ctr_argv("run", "--rm", *snapshotter, ref, f"bench-{the_lab.token}"), env,
                               wl.ready)
         tx1 = the_lab.registry_tx_bytes()
+        cpu = None if naiad else process_cpu(pid) + children_cpu() - cpu0
     parts["run"] = t_ready - pulled
-    return Sample(method, None, t_ready - start, parts, tx1 - tx0, tx1 - tx0)
+    return Sample(method, None, t_ready - start, parts, tx1 - tx0, tx1 - tx0, daemon_cpu=cpu)
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + sys) of all reaped children of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 @contextlib.contextmanager
@@ -643,7 +657,8 @@ def report(ctx: Context, wl: Workload, setup: Setup, networks: Sequence[int | No
             ["method", "time to ready s", "parts s", "speedup vs oci", "registry MB by ready",
              "% of OCI image", "% of naiad image"],
             rows,
-            [background_note([s for s in samples if s.network == rate])],
+            [background_note([s for s in samples if s.network == rate]),
+             containerd_cpu_note([s for s in samples if s.network == rate])],
         ))
 
     notes = [
@@ -712,6 +727,15 @@ def stat_spread(stats: Sequence[dict], key: str, fmt: str = "{:.2f}", scale: flo
     `files_read` in kernel mode, where the kernel answers reads)."""
     values = [float(x[key]) for x in stats if x.get(key) is not None]
     return spread(values, fmt, scale) if values else "–"
+
+
+def containerd_cpu_note(samples: Sequence[Sample]) -> str:
+    """CPU that containerd and ctr used in the `oci` runs by the ready line (fetch, decompress, unpack)."""
+    cpu = [s.daemon_cpu for s in samples if s.method == "oci" and s.daemon_cpu is not None]
+    if not cpu:
+        return ""
+    return (f"oci: containerd + ctr used {spread(cpu)} CPU s by the ready line (shim, runc and app not "
+            "counted); wall time above that is waiting: for the network, the disk, or a busy CPU.")
 
 
 def background_note(samples: Sequence[Sample]) -> str:

@@ -1,7 +1,7 @@
 """The djangoapp workload: a Django site with an ORM model, sympy and botocore, as Debian packages them.
 
-Its image has very many small files (Django's and botocore's data, sympy's modules, each with its
-byte-compiled twin); starting reads about a thousand of them. It configures Django with the
+Its start reads very many small files: about 3,000 (27 kB on average) of the image's 18,000 (Django's
+and botocore's data, sympy's modules and their byte-compiled twins). It configures Django with the
 contrib apps, makes the tables in an in-memory SQLite database, resolves a URL, renders a template,
 simplifies an expression with sympy and builds an S3 client offline, then prints its ready line.
 """
