@@ -14,16 +14,13 @@ from naiad.errors import RegistryError
 from naiad.oci.image import Descriptor, RegistryOptions
 from naiad.oci.reference import parse_reference
 from naiad.oci.registry import RegistryClient
-from naiad.storage.p2p import PeerSource, through_peer
+from naiad.storage.p2p import PeerSource, via_peer
 
 MIB = 1 << 20
 
 
 class _NoSource:
     """An inner source that must not be used: range reads go through the peer."""
-
-    def close(self) -> None:
-        pass
 
 
 def test_range_reads_go_through_the_peer(tmp_path: Path, registry) -> None:
@@ -34,13 +31,10 @@ def test_range_reads_go_through_the_peer(tmp_path: Path, registry) -> None:
     with Cluster(tmp_path, registry.host) as cluster:
         cluster.start_scheduler()
         peer = cluster.peer("node")
-        source = through_peer(_NoSource(), ref, RegistryOptions(), proxy=peer.proxy)  # type: ignore[arg-type]
-        assert isinstance(source, PeerSource)
-        try:
+        with via_peer(_NoSource(), ref, RegistryOptions(), proxy=peer.proxy) as source:  # type: ignore[arg-type]
+            assert isinstance(source, PeerSource)
             assert source.read_range(digest, 5 * MIB - 3, 1000) == data[5 * MIB - 3: 5 * MIB + 997]
             assert source.read_range(digest, len(data) - 10, 100) == data[-10:]
-        finally:
-            source.close()
         # Each read got its bytes first; the rest of its piece follows. In all: pieces 1 and 2, once.
         deadline = time.monotonic() + 15
         while registry_blob_bytes(registry, digest) < 5 * MIB and time.monotonic() < deadline:
@@ -49,8 +43,10 @@ def test_range_reads_go_through_the_peer(tmp_path: Path, registry) -> None:
         assert registry_blob_bytes(registry, digest) == 5 * MIB
     # Without a proxy (and no $NAIAD_P2P_PROXY), or for a local layout, the source is left alone.
     inner = _NoSource()
-    assert through_peer(inner, ref, proxy="") is inner  # type: ignore[arg-type]
-    assert through_peer(inner, parse_reference("oci:/x:y"), proxy="127.0.0.1:1") is inner  # type: ignore[arg-type]
+    with via_peer(inner, ref, proxy="") as same:  # type: ignore[arg-type]
+        assert same is inner
+    with via_peer(inner, parse_reference("oci:/x:y"), proxy="127.0.0.1:1") as same:  # type: ignore[arg-type]
+        assert same is inner
 
 
 def test_token_auth_passes_through_the_mirror(tmp_path: Path, auth_registry_token) -> None:

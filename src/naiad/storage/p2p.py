@@ -13,7 +13,9 @@ The peer is named with `--p2p-proxy HOST:PORT` or `$NAIAD_P2P_PROXY`.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import BinaryIO
 
 import httpx
@@ -60,17 +62,26 @@ class PeerSource:
         return self.inner.open_blob(desc)
 
     def close(self) -> None:
+        """Close the connection to the peer; `inner` stays its opener's to close."""
         self._mirror.close()
-        self.inner.close()
 
 
-def through_peer(source: ImageSource, ref: Reference, options: RegistryOptions | None = None,
-                 proxy: str | None = None) -> ImageSource:
+@contextlib.contextmanager
+def via_peer(source: ImageSource, ref: Reference, options: RegistryOptions | None = None,
+             proxy: str | None = None) -> Iterator[ImageSource]:
     """`source` with its range reads going through the peer (`proxy`, else $NAIAD_P2P_PROXY), if any.
 
-    Only registry images go through a peer; local layouts and archives are read directly.
+    Only registry images go through a peer; local layouts and archives are read
+    directly. Use it inside the `with` that opened `source`:
+
+        with source_for(ref, registry) as inner, via_peer(inner, ref, registry) as source: ...
     """
     proxy = proxy or os.environ.get(ENV)
     if not proxy or not ref.is_registry:
-        return source
-    return PeerSource(source, ref, proxy, options)
+        yield source
+        return
+    peer = PeerSource(source, ref, proxy, options)
+    try:
+        yield peer
+    finally:
+        peer.close()
