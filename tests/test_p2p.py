@@ -370,7 +370,9 @@ def test_upload_slots_and_rate_limit_what_a_peer_serves(cluster: Cluster, regist
         t0 = time.monotonic()
         url = f"http://{peer.listen}/api/v1/pieces/{digest}"
         first = pool.submit(httpx.get, f"{url}/0", headers=good, timeout=30)
-        time.sleep(0.5)  # the first upload holds the only slot (4 MiB at 2 MiB/s: about 1.5 s)
+        # The first upload holds the only slot (4 MiB at 2 MiB/s: about 1.5 s) once it sends.
+        wait_for(lambda: metric(f"http://{peer.proxy}/metrics", "naiad_p2p_served_bytes_total") > 0,
+                 "the first upload to start", timeout=10)
         second = httpx.get(f"{url}/1", headers=good, timeout=30)
         assert second.status_code == 503 and second.headers["retry-after"] == "1"
         assert first.result().content == data[:PIECE]
