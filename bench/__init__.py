@@ -64,6 +64,8 @@ class Context:
     report: Path | None = None  # the report being written (None: --no-report); put plots beside it
     workloads: tuple[str, ...] = ()  # --workload: the workloads to run (empty: the benchmark's default)
     networks: tuple[str, ...] = ()  # --networks: registry egress rates, e.g. "unshaped", "100mbit"
+    methods: tuple[str, ...] = ()  # --methods: coldstart's methods to run (empty: all)
+    p2p_nodes: int | None = None  # --p2p-nodes: nodes of coldstart's naiad-p2p (None: its default)
 
     def artifact(self, suffix: str) -> Path | None:
         """A file beside the report, e.g. `artifact("coldstart.png")` → results/DATE-NAME-coldstart.png."""

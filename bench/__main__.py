@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
                              "quick: quickapp)")
     parser.add_argument("--networks", nargs="+", default=[], metavar="RATE",
                         help="coldstart: these registry egress rates only (unshaped, 100mbit, 1gbit, ...)")
+    parser.add_argument("--methods", nargs="+", default=[], metavar="METHOD",
+                        help="coldstart: these methods only (oci, naiad-lazy, naiad-p2p, floor, ...; "
+                             "default: all)")
+    parser.add_argument("--p2p-nodes", type=int, metavar="N",
+                        help="coldstart: nodes starting the image at once in naiad-p2p (default 4, quick 2)")
     parser.add_argument("--name", help="report name (default: quick or full)")
     parser.add_argument("--no-report", action="store_true", help="print the tables only")
     args = parser.parse_args(argv)
@@ -52,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(exist_ok=True)
     ctx = Context(quick=args.quick, reps=args.reps or (1 if args.quick else 3), cache=cache, repo=REPO,
                   log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True), report=out,
-                  workloads=tuple(args.workload), networks=tuple(args.networks))
+                  workloads=tuple(args.workload), networks=tuple(args.networks),
+                  methods=tuple(args.methods), p2p_nodes=args.p2p_nodes)
 
     sections: list[str] = []
     failed: list[str] = []

@@ -64,6 +64,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench import BenchError, Context, Table, benchmark
@@ -88,7 +89,8 @@ from bench.images import (
     quickapp,
     torchapp,
 )
-from bench.netlab import Lab, lab, parse_rate, process_cpu, rate_name
+from bench.netlab import ClusterLab, Lab, cluster_lab, lab, parse_rate, process_cpu, rate_name
+from bench.p2p import PROXY_PORT, PeerCluster
 from tests.containerd_server import PROXY_PLUGIN, Containerd
 
 READY_TIMEOUT = 900.0  # seconds from a method's start to its ready line
@@ -109,6 +111,14 @@ LABELS = {
     "naiad-optimized": "naiad-optimized: {how} of the optimized image",
     "floor-warm": "floor-warm: chroot run on the unpacked rootfs",
     "floor-cold": "floor-cold: the same after drop_caches",
+}
+# What `--methods` selects: METHODS' names (floor: both floor rows) and the N-node one.
+SELECTABLE = ("oci", "naiad-containerd", "naiad-lazy", "naiad-mount", "naiad-mount-fuse", "naiad-optimized",
+              "floor", "naiad-p2p")
+P2P_NODES, P2P_NODES_QUICK = 4, 2  # nodes starting the image at once in naiad-p2p (`--p2p-nodes`)
+SWARM_LABELS = {
+    True: "naiad-p2p: `naiad run --p2p-proxy` through each node's peer",
+    False: "baseline: `naiad run`, each node straight to the registry",
 }
 NETWORKS_FULL: tuple[int | None, ...] = (None, 100 * 10**6, 10**9)
 NETWORKS_QUICK: tuple[int | None, ...] = (None,)
@@ -191,6 +201,17 @@ class CpuMeter:
 
 
 @dataclasses.dataclass
+class Swarm:
+    """One run of all N nodes starting the same image at the same moment, with or without peers."""
+
+    peers: bool
+    network: int | None
+    ready: list[float]  # per node: seconds from the common start to its ready line
+    registry_bytes: int  # sent by the registry from the start until every node's app had exited
+    peer_served: int | None = None  # bytes the peers' mirrors served their clients (None: no peers)
+
+
+@dataclasses.dataclass
 class Setup:
     """What was pushed to the lab, and which naiad paths exist."""
 
@@ -215,6 +236,9 @@ def run(ctx: Context) -> list[Table]:
     if os.geteuid() != 0:
         raise BenchError("the coldstart benchmark needs root (network namespaces, mounts, drop_caches)")
     selected = selected_workloads(ctx)
+    unknown = [m for m in ctx.methods if m not in SELECTABLE]
+    if unknown:
+        raise BenchError(f"unknown method {', '.join(unknown)}; known: {', '.join(SELECTABLE)}")
     rates = tuple(parse_rate(n) for n in ctx.networks)
     # Every image first (built when absent): a failing build should not come after a long run.
     loaded = [(workload(ctx, name, spec), rates or spec.networks) for name, spec in selected.items()]
@@ -239,12 +263,12 @@ def selected_workloads(ctx: Context) -> dict[str, WorkloadSpec]:
 def run_workload(ctx: Context, wl: Workload, networks: Sequence[int | None]) -> list[Table]:
     """Every method on every network, `ctx.reps` times, for one workload in a lab of its own."""
     samples: list[Sample] = []
+    swarms: list[Swarm] = []
     with scratch("coldstart") as tmp:
         try:
             with lab(log=ctx.log) as the_lab:
                 setup = push_images(ctx, the_lab, wl, tmp)
                 floor_root = tmp / "floor"
-                unpack(f"{wl.image.layout}:{wl.image.tag}", floor_root)
                 methods: dict[str, Callable[[Path], list[Sample]]] = {
                     "oci": lambda w: [measure_containerd(the_lab, wl, setup.oci_ref, w, "oci")],
                     "naiad-lazy": lambda w: [measure_naiad(the_lab, wl, setup.naiad_ref, setup.use_run, w,
@@ -263,6 +287,9 @@ def run_workload(ctx: Context, wl: Workload, networks: Sequence[int | None]) -> 
                     opt = setup.optimized_ref
                     methods["naiad-optimized"] = lambda w: [measure_naiad(the_lab, wl, opt, setup.use_run, w,
                                                                           "naiad-optimized")]
+                methods = {k: f for k, f in methods.items() if not ctx.methods or k in ctx.methods}
+                if "floor" in methods:
+                    unpack(f"{wl.image.layout}:{wl.image.tag}", floor_root)
                 for rate in networks:
                     the_lab.shape(rate)
                     for rep in range(ctx.reps):
@@ -282,9 +309,11 @@ def run_workload(ctx: Context, wl: Workload, networks: Sequence[int | None]) -> 
                                 ctx.log(f"  {rate_name(rate)}, rep {rep + 1}/{ctx.reps}: {s.method} "
                                         f"{s.ready:.2f} s" + (f", registry {mb(s.registry_bytes)} MB"
                                                               if s.registry_bytes is not None else ""))
+            if not ctx.methods or "naiad-p2p" in ctx.methods:
+                swarms = run_swarms(ctx, wl, networks, tmp)
         finally:
             cleanup_mounts(tmp)
-    return report(ctx, wl, setup, networks, samples)
+    return report(ctx, wl, setup, networks, samples, swarms)
 
 
 # --- setup -------------------------------------------------------------------
@@ -509,6 +538,80 @@ def measure_floor(the_lab: Lab, wl: Workload, rootfs: Path) -> list[Sample]:
     return samples
 
 
+def run_swarms(ctx: Context, wl: Workload, networks: Sequence[int | None], tmp: Path) -> list[Swarm]:
+    """naiad-p2p: N nodes of a cluster lab start the lazy image at once, through peers and without.
+
+    The cluster lab (`netlab.cluster_lab`: registry, scheduler host and N nodes on a bridge) is
+    separate from the one-node lab, so the image is converted into its registry again (untimed).
+    Only the registry's egress is shaped, as in the one-node lab; the nodes' links are not.
+    """
+    nodes = ctx.p2p_nodes or (P2P_NODES_QUICK if ctx.quick else P2P_NODES)
+    swarms: list[Swarm] = []
+    with cluster_lab(nodes, None, None, log=ctx.log) as cl:
+        ref = f"{cl.registry}/{wl.name}:v1-naiad"
+        home = tmp / "p2p-setup-home"
+        run_measured(cl.argv("n0", naiad_argv("convert", "--plain-http", wl.image.ref, ref)),
+                     env={**os.environ, "NAIAD_HOME": str(home)})
+        shutil.rmtree(home, ignore_errors=True)
+        for rate in networks:
+            cl.shape(rate)
+            for rep in range(ctx.reps):
+                for peers in (True, False) if rep % 2 == 0 else (False, True):  # alternate which goes first
+                    work = tmp / "swarm"
+                    work.mkdir()
+                    try:
+                        swarm = measure_swarm(cl, wl, ref, work, peers)
+                    finally:
+                        cleanup_mounts(work)
+                        shutil.rmtree(work, ignore_errors=True)
+                    swarm.network = rate
+                    swarms.append(swarm)
+                    ctx.log(f"  {rate_name(rate)}, rep {rep + 1}/{ctx.reps}: {nodes} nodes "
+                            f"{'with' if peers else 'without'} peers: p50 {median(swarm.ready):.2f} s, "
+                            f"max {max(swarm.ready):.2f} s, registry {mb(swarm.registry_bytes)} MB")
+    return swarms
+
+
+def measure_swarm(cl: ClusterLab, wl: Workload, ref: str, work: Path, peers: bool) -> Swarm:
+    """Every node of `cl` runs `naiad run REF` at the same moment (through its peer with `peers`).
+
+    With `peers`, a scheduler and one peer per node start first, untimed, with empty piece stores
+    (`PeerCluster`), as daemons that run before any start would. Every node gets an empty
+    NAIAD_HOME; the page cache is dropped once for all (they share this machine's).
+    """
+    hosts = range(cl.nodes)
+    proxy = ["--p2p-proxy", f"127.0.0.1:{PROXY_PORT}"] if peers else []  # each node's own loopback
+    argvs = [cl.argv(f"n{i}", naiad_argv("run", "--plain-http", *proxy, ref)) for i in hosts]
+    envs = []
+    for i in hosts:
+        home = work / f"home-n{i}"
+        home.mkdir()
+        envs.append({**os.environ, "NAIAD_HOME": str(home)})
+    with contextlib.ExitStack() as stack:
+        if peers:
+            stack.enter_context(PeerCluster(cl, work, list(hosts)))
+        drop_caches()
+        tx0 = cl.registry_tx_bytes()
+        start = time.perf_counter()
+        with ThreadPoolExecutor(cl.nodes) as pool:  # one waiter per node: they start together
+            waits = [pool.submit(until_ready, argv, env, wl.ready)
+                     for argv, env in zip(argvs, envs, strict=True)]
+            ready = [w.result() - start for w in waits]
+        tx1 = cl.registry_tx_bytes()
+        # Did the reads go through the peers at all? Their counters tell (the registry bytes do not).
+        served = sum(peer_counter(cl, i, "naiad_p2p_client_bytes_total") for i in hosts) if peers else None
+    return Swarm(peers, None, ready, tx1 - tx0, served)
+
+
+def peer_counter(cl: ClusterLab, node: int, name: str) -> int:
+    """A counter from the /metrics of node `node`'s peer (its mirror port, no token needed)."""
+    out = run_measured(cl.argv(f"n{node}", ["curl", "-sSf", f"http://127.0.0.1:{PROXY_PORT}/metrics"]))
+    for line in out.stdout.splitlines():
+        if line.startswith(name + " "):
+            return int(float(line.split()[1]))
+    raise BenchError(f"node n{node}'s peer has no {name} in its /metrics")
+
+
 def daemon_pid(home: Path) -> int:
     """The pid of the (only) mount daemon under NAIAD_HOME=`home`, from its state.json."""
     states = list((home / "mounts").glob("*/state.json"))
@@ -631,12 +734,12 @@ def cleanup_mounts(under: Path) -> None:
 
 
 def report(ctx: Context, wl: Workload, setup: Setup, networks: Sequence[int | None],
-           samples: list[Sample]) -> list[Table]:
+           samples: list[Sample], swarms: list[Swarm]) -> list[Table]:
     tables = []
     present = [m for m in METHODS if any(s.method == m for s in samples)]
-    for rate in networks:
+    for rate in networks if present else ():
         by = {m: [s for s in samples if s.method == m and s.network == rate] for m in present}
-        oci_median = median([s.ready for s in by["oci"]])
+        oci_median = median([s.ready for s in by["oci"]]) if by.get("oci") else None
         rows = []
         for m in present:
             runs = by[m]
@@ -645,7 +748,7 @@ def report(ctx: Context, wl: Workload, setup: Setup, networks: Sequence[int | No
             sent = [s.registry_bytes for s in runs if s.registry_bytes is not None]
             rows.append([
                 label, spread([s.ready for s in runs]), parts or "–",
-                f"{oci_median / median([s.ready for s in runs]):.2f}×",
+                f"{oci_median / median([s.ready for s in runs]):.2f}×" if oci_median else "–",
                 spread([b / 1e6 for b in sent], "{:.1f}") if sent else "–",
                 f"{100 * median(sent) / setup.oci_bytes:.1f}%" if sent else "–",
                 f"{100 * median(sent) / setup.naiad_bytes:.1f}%" if sent else "–",
@@ -672,7 +775,13 @@ def report(ctx: Context, wl: Workload, setup: Setup, networks: Sequence[int | No
         "Every run: content and caches removed, then `sync; echo 3 > /proc/sys/vm/drop_caches`; "
         "the order of methods rotates every repetition.",
     ]
+    swarm = swarm_table(ctx, wl, networks, samples, swarms) if swarms else None
+    if swarm and not tables:  # naiad-p2p alone: the image notes go under its table
+        tables.append(swarm)
+        swarm = None
     tables[-1].notes.extend(notes)
+    if swarm:
+        tables.append(swarm)
 
     naiad_runs = [s for s in samples if s.stats]
     if naiad_runs:
@@ -713,13 +822,71 @@ def report(ctx: Context, wl: Workload, setup: Setup, networks: Sequence[int | No
         tables.append(targets(setup, networks, samples))
 
     plot_path = ctx.artifact(f"coldstart-{wl.name}.png")
-    if plot_path is not None:
+    if plot_path is not None and present:
         try:
             plot(plot_path, wl, networks, samples, present)
             tables[-1].notes.append(f"![time to ready per method and network]({plot_path.name})")
         except ImportError:
             tables[-1].notes.append("(no plot: matplotlib is not installed: pip install -e '.[bench]')")
     return tables
+
+
+def swarm_table(ctx: Context, wl: Workload, networks: Sequence[int | None], samples: list[Sample],
+                swarms: list[Swarm]) -> Table:
+    """naiad-p2p beside its baseline per network: time to ready over nodes, registry egress, ratios."""
+    nodes = len(swarms[0].ready)
+    rows = []
+    for rate in networks:
+        runs = {p: [s for s in swarms if s.peers == p and s.network == rate] for p in (False, True)}
+        if not runs[True] or not runs[False]:
+            continue
+        # One node alone (naiad-lazy in the one-node lab of this run), to compare the slowest node with.
+        lazy = [s for s in samples if s.method == "naiad-lazy" and s.network == rate]
+        one_time = median([s.ready for s in lazy]) if lazy else None
+        one_bytes = median([s.registry_bytes or 0 for s in lazy]) if lazy else None
+        medians = {}
+        for peers in (False, True):
+            p50s = [median(s.ready) for s in runs[peers]]
+            maxes = [max(s.ready) for s in runs[peers]]
+            sent = [s.registry_bytes for s in runs[peers]]
+            medians[peers] = (median(p50s), median(maxes), median(sent))
+            served = [s.peer_served for s in runs[peers] if s.peer_served is not None]
+            rows.append([
+                rate_name(rate), SWARM_LABELS[peers], spread(p50s), spread(maxes),
+                spread([b / 1e6 for b in sent], "{:.1f}"),
+                spread([b / 1e6 for b in served], "{:.1f}") if served else "–",
+                f"{median(maxes) / one_time:.2f}×" if one_time else "–",
+                f"{median(sent) / one_bytes:.2f}×" if one_bytes else "–",
+            ])
+        (p50_a, max_a, sent_a), (p50_b, max_b, sent_b) = medians[False], medians[True]
+        rows.append([rate_name(rate), "baseline / naiad-p2p", f"{p50_a / p50_b:.2f}×",
+                     f"{max_a / max_b:.2f}×", f"{sent_a / sent_b:.2f}×", "", "", ""])
+    bypassed = [s for s in swarms if s.peers and not s.peer_served]
+    warning = (f"**In {len(bypassed)} of {sum(s.peers for s in swarms)} runs with peers the peers served "
+               "nothing: `naiad run --p2p-proxy` read every chunk straight from the registry, so those runs "
+               "measure no P2P at all.**" if bypassed else "")
+    return Table(
+        f"{wl.name}, naiad-p2p: {nodes} nodes start the lazy image at the same moment; time to each node's "
+        f"ready line, s, median (min–max) of {ctx.reps}",
+        ["network", "method", "p50 over nodes s", "max over nodes s", "registry MB by the last ready",
+         "served by peers MB", "max / one node's time", "registry bytes / one node's"],
+        rows,
+        [f"A cluster lab (`bench/netlab.py: cluster_lab`): the registry, a scheduler host and {nodes} node "
+         "network namespaces on one bridge; the registry's egress shaped as above (tbf), the nodes' links "
+         "not. The naiad image is converted into its registry again (untimed). Per run: every node gets an "
+         "empty NAIAD_HOME; with peers, `naiad scheduler` and one `naiad peer --proxy 127.0.0.1:"
+         f"{PROXY_PORT}` per node (default `--source-limit` 1, no seed) start first, untimed, with empty "
+         "piece stores (`bench/p2p.py: PeerCluster`); the page cache is dropped; then all nodes start "
+         f"`naiad run --plain-http [--p2p-proxy 127.0.0.1:{PROXY_PORT}] REF` at once. Manifest and "
+         "bootstrap come from the registry either way (only chunk reads go through the peer). Registry "
+         "MB: its veth's tx_bytes from the start until every node's app had exited (right after its "
+         "ready line). One node: naiad-lazy's median in this run's one-node lab (`–`: not measured). "
+         "The runs with and without peers alternate which goes first. All nodes share this machine's "
+         "cores: N apps and N mount daemons start at once on 2 cores, so the CPU, not only the "
+         "registry link, bounds the slowest node. Served by peers: the sum of the peers' "
+         "`naiad_p2p_client_bytes_total` (what their mirrors gave `naiad run`) at the last ready.",
+         warning],
+    )
 
 
 def stat_spread(stats: Sequence[dict], key: str, fmt: str = "{:.2f}", scale: float = 1.0) -> str:

@@ -280,6 +280,10 @@ class ClusterLab:
         out = _ip_out("netns", "exec", self.ns("reg"), "cat", "/sys/class/net/reg0/statistics/tx_bytes")
         return int(out)
 
+    def shape(self, rate: int | None) -> None:
+        """Limit the registry's egress to `rate` bits/s with tbf, or remove the limit (None)."""
+        _tbf(self.ns("reg"), "reg0", rate)
+
 
 @contextlib.contextmanager
 def cluster_lab(nodes: int, registry_rate: int | None, node_rate: int | None,

@@ -61,14 +61,14 @@ def _push(lab: ClusterLab, path: Path, repo: str) -> str:
     return out.stdout.strip()
 
 
-class _Cluster:
+class PeerCluster:
     """A scheduler and one peer per node, started fresh; everything stopped on exit."""
 
     def __init__(self, lab: ClusterLab, work: Path, nodes: list[int]):
         self.lab, self.work, self.nodes = lab, work, nodes
         self.procs: list[subprocess.Popen] = []
 
-    def __enter__(self) -> _Cluster:
+    def __enter__(self) -> PeerCluster:
         token = self.work / "token"
         token.write_text(secrets.token_hex(16))
         token.chmod(0o600)
@@ -142,7 +142,7 @@ def _swarm(ctx: Context, lab: ClusterLab, work: Path, counts: list[int],
                 urls = {i: f"http://{lab.registry}/v2/bench/swarm/blobs/{digest}" for i in range(n)}
                 times = _pull_all(lab, urls, size)
             else:
-                with _Cluster(lab, work, list(range(n))):
+                with PeerCluster(lab, work, list(range(n))):
                     url = f"http://127.0.0.1:{PROXY_PORT}/v2/bench/swarm/blobs/{digest}?ns={lab.registry}"
                     times = _pull_all(lab, dict.fromkeys(range(n), url), size)
             egress = lab.registry_tx_bytes() - before
@@ -185,7 +185,7 @@ def _lazy(ctx: Context, lab: ClusterLab, work: Path, size: int, reads: int) -> T
         return json.loads(out.stdout)
 
     results["(a) registry"] = run("n0", f"http://{lab.registry}/v2/bench/lazy/blobs/{digest}")
-    with _Cluster(lab, work, [1, 2]):
+    with PeerCluster(lab, work, [1, 2]):
         url = f"http://127.0.0.1:{PROXY_PORT}/v2/bench/lazy/blobs/{digest}?ns={lab.registry}"
         before = lab.registry_tx_bytes()
         results["(b) peer, no peer has it"] = run("n1", url)

@@ -49,6 +49,7 @@ from naiad.oci.reference import Reference
 from naiad.storage.cache import ChunkCache
 from naiad.storage.fetcher import DEFAULT_AMPLIFY, ChunkFetcher
 from naiad.storage.image import NaiadImage
+from naiad.storage.p2p import via_peer
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def serve(ref: Reference, mountpoint: str, registry: RegistryOptions, options: M
         raise NaiadError(f"mount point {mountpoint} is not empty")
     if options.mode not in MODES:
         raise NaiadError(f"mount mode {options.mode!r} is not one of {', '.join(MODES)}")
-    with source_for(ref, registry) as source:
+    with source_for(ref, registry) as inner, via_peer(inner, ref, registry) as source:
         img = NaiadImage.open(source, options.platform)
         cache = ChunkCache()
         fetcher = ChunkFetcher(img.bootstrap, source, cache, amplify=options.amplify)

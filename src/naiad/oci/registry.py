@@ -492,7 +492,8 @@ class RegistryClient:
         what = self._what(f"GET blob {repo}@{digest} bytes {offset}+{size}")
         self._ensure_pinged()
         authorization = self._authorization((self._scope(repo),), what)
-        data = self._ranges.get(f"/v2/{repo}/blobs/{check_digest(digest)}", offset, size, authorization)
+        url = self._url(f"/v2/{repo}/blobs/{check_digest(digest)}")  # subclasses add query parameters
+        data = self._ranges.get(url.raw_path.decode("ascii"), offset, size, authorization)
         if data is not None:
             return data
         for attempt in range(1, self.retries + 1):
