@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from p2p_cluster import Cluster, push_blob, registry_blob_bytes
+from p2p_cluster import Cluster, metric, push_blob, registry_blob_bytes
 
 from naiad.errors import RegistryError
 from naiad.oci.image import Descriptor, RegistryOptions
@@ -74,3 +74,24 @@ def test_token_auth_passes_through_the_mirror(tmp_path: Path, auth_registry_toke
         finally:
             source.close()
         assert reg.password not in (tmp_path / "node.log").read_text()
+
+
+def test_mount_reads_chunks_through_the_peer(tmp_path: Path, registry, node) -> None:
+    """`naiad mount --p2p-proxy`: the bootstrap comes from the registry, file data through the peer."""
+    from test_mount import publish, rand
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    data = rand(3 * MIB + 5, seed=11)
+    (tree / "file").write_bytes(data)
+    ref, _ = publish(node.home, tree, registry)
+    (tmp_path / "p2p").mkdir()
+    with Cluster(tmp_path / "p2p", registry.host) as cluster:
+        cluster.start_scheduler()
+        peer = cluster.peer("node")
+        mnt = node.mount(ref, "--p2p-proxy", peer.proxy)
+        assert (mnt / "file").read_bytes() == data
+        # Every chunk byte the mount fetched came to it through the peer's mirror.
+        fetched = node.stats(mnt)["bytes_fetched"]
+        assert fetched > 0
+        assert metric(f"http://{peer.proxy}/metrics", "naiad_p2p_client_bytes_total") == fetched
