@@ -249,6 +249,11 @@ def run(ctx: Context) -> list[Table]:
     return tables
 
 
+def wants(ctx: Context, method: str) -> bool:
+    """Whether `method` (a SELECTABLE name) is to run: `--methods` names it, or was not given."""
+    return not ctx.methods or method in ctx.methods
+
+
 def selected_workloads(ctx: Context) -> dict[str, WorkloadSpec]:
     """`--workload`'s choice, else all of WORKLOADS (`--quick`: quickapp)."""
     known = {**WORKLOADS, **QUICK_WORKLOADS}
@@ -287,7 +292,7 @@ def run_workload(ctx: Context, wl: Workload, networks: Sequence[int | None]) -> 
                     opt = setup.optimized_ref
                     methods["naiad-optimized"] = lambda w: [measure_naiad(the_lab, wl, opt, setup.use_run, w,
                                                                           "naiad-optimized")]
-                methods = {k: f for k, f in methods.items() if not ctx.methods or k in ctx.methods}
+                methods = {k: f for k, f in methods.items() if wants(ctx, k)}
                 if "floor" in methods:
                     unpack(f"{wl.image.layout}:{wl.image.tag}", floor_root)
                 for rate in networks:
@@ -309,7 +314,7 @@ def run_workload(ctx: Context, wl: Workload, networks: Sequence[int | None]) -> 
                                 ctx.log(f"  {rate_name(rate)}, rep {rep + 1}/{ctx.reps}: {s.method} "
                                         f"{s.ready:.2f} s" + (f", registry {mb(s.registry_bytes)} MB"
                                                               if s.registry_bytes is not None else ""))
-            if not ctx.methods or "naiad-p2p" in ctx.methods:
+            if wants(ctx, "naiad-p2p"):
                 swarms = run_swarms(ctx, wl, networks, tmp)
         finally:
             cleanup_mounts(tmp)
@@ -353,12 +358,12 @@ def push_images(ctx: Context, the_lab: Lab, wl: Workload, tmp: Path) -> Setup:
 
     skipped: dict[str, str] = {}
     use_snapshotter = has_command("snapshotter") and shutil.which("ctr-remote") is not None
-    if use_snapshotter:
+    if use_snapshotter and wants(ctx, "naiad-containerd"):
         notes.append(f"naiad-containerd: `naiad snapshotter --address SOCK --root DIR --plain-http` (own "
                      f"NAIAD_HOME, started per run, untimed) as containerd's proxy snapshotter "
                      f"{PROXY_PLUGIN!r}; `ctr-remote image rpull --plain-http --snapshotter {PROXY_PLUGIN} "
                      f"{naiad_ref}` + `ctr run --snapshotter {PROXY_PLUGIN} --rm`.")
-    else:
+    elif wants(ctx, "naiad-containerd"):
         why = ("`naiad snapshotter --help` fails in this checkout" if not has_command("snapshotter")
                else "ctr-remote is not installed")
         skipped["naiad-containerd"] = "skipped: " + ("not built yet" if "naiad" in why else why)
@@ -369,7 +374,8 @@ def push_images(ctx: Context, the_lab: Lab, wl: Workload, tmp: Path) -> Setup:
                  "naiad-lazy ran as `naiad mount --plain-http REF MNT` + the chrooted run on an overlayfs "
                  "over MNT (`naiad run` does not exist yet in this checkout).")
     optimized_ref = None
-    if has_command("optimize"):
+    wanted = wants(ctx, "naiad-optimized")  # else no untimed optimize run
+    if wanted and has_command("optimize"):
         target = f"{reg}/{wl.name}:v1-naiad-opt"
         t3 = time.perf_counter()
         try:
@@ -384,7 +390,7 @@ def push_images(ctx: Context, the_lab: Lab, wl: Workload, tmp: Path) -> Setup:
             notes.append(f"naiad-optimized: `naiad optimize --plain-http {naiad_ref} {target} -- ENTRYPOINT` "
                          f"({time.perf_counter() - t3:.1f} s, untimed setup), then measured like naiad-lazy.")
             ctx.log(f"coldstart: optimized into {target} ({time.perf_counter() - t3:.1f} s)")
-    else:
+    elif wanted:
         skipped["naiad-optimized"] = "skipped: not built yet"
         notes.append("naiad-optimized: skipped, not built yet (`naiad optimize --help` fails in this "
                      "checkout).")
