@@ -209,6 +209,7 @@ class Swarm:
     ready: list[float]  # per node: seconds from the common start to its ready line
     registry_bytes: int  # sent by the registry from the start until every node's app had exited
     peer_served: int | None = None  # bytes the peers' mirrors served their clients (None: no peers)
+    busy_cores: float = 0.0  # the machine's average busy cores meanwhile (all work, not only ours)
 
 
 @dataclasses.dataclass
@@ -231,7 +232,7 @@ class Setup:
 
 @benchmark("coldstart", "Cold start to the ready line: containerd vs naiad lazy, on a shaped network")
 def run(ctx: Context) -> list[Table]:
-    require_tools("skopeo", "umoci", "unshare", "mount", "fusermount3", "containerd", "ctr", "runc",
+    require_tools("skopeo", "umoci", "unshare", "mount", "fusermount3", "containerd", "ctr", "runc", "curl",
                   why="the coldstart benchmark")
     if os.geteuid() != 0:
         raise BenchError("the coldstart benchmark needs root (network namespaces, mounts, drop_caches)")
@@ -598,15 +599,17 @@ def measure_swarm(cl: ClusterLab, wl: Workload, ref: str, work: Path, peers: boo
             stack.enter_context(PeerCluster(cl, work, list(hosts)))
         drop_caches()
         tx0 = cl.registry_tx_bytes()
+        busy0 = machine_busy_seconds()
         start = time.perf_counter()
         with ThreadPoolExecutor(cl.nodes) as pool:  # one waiter per node: they start together
             waits = [pool.submit(until_ready, argv, env, wl.ready)
                      for argv, env in zip(argvs, envs, strict=True)]
             ready = [w.result() - start for w in waits]
         tx1 = cl.registry_tx_bytes()
+        busy = (machine_busy_seconds() - busy0) / (time.perf_counter() - start)
         # Did the reads go through the peers at all? Their counters tell (the registry bytes do not).
         served = sum(peer_counter(cl, i, "naiad_p2p_client_bytes_total") for i in hosts) if peers else None
-    return Swarm(peers, None, ready, tx1 - tx0, served)
+    return Swarm(peers, None, ready, tx1 - tx0, served, busy)
 
 
 def peer_counter(cl: ClusterLab, node: int, name: str) -> int:
@@ -824,8 +827,9 @@ def report(ctx: Context, wl: Workload, setup: Setup, networks: Sequence[int | No
              "its start to the ready line."],
         ))
 
-    if wl.name == TORCHAPP_TAG:
-        tables.append(targets(setup, networks, samples))
+    goals = targets(setup, networks, samples) if wl.name == TORCHAPP_TAG else None
+    if goals and goals.rows:  # no rows when naiad-lazy or oci was not measured (`--methods`)
+        tables.append(goals)
 
     plot_path = ctx.artifact(f"coldstart-{wl.name}.png")
     if plot_path is not None and present:
@@ -863,10 +867,11 @@ def swarm_table(ctx: Context, wl: Workload, networks: Sequence[int | None], samp
                 spread([b / 1e6 for b in served], "{:.1f}") if served else "–",
                 f"{median(maxes) / one_time:.2f}×" if one_time else "–",
                 f"{median(sent) / one_bytes:.2f}×" if one_bytes else "–",
+                spread([s.busy_cores for s in runs[peers]], "{:.1f}"),
             ])
         (p50_a, max_a, sent_a), (p50_b, max_b, sent_b) = medians[False], medians[True]
         rows.append([rate_name(rate), "baseline / naiad-p2p", f"{p50_a / p50_b:.2f}×",
-                     f"{max_a / max_b:.2f}×", f"{sent_a / sent_b:.2f}×", "", "", ""])
+                     f"{max_a / max_b:.2f}×", f"{sent_a / sent_b:.2f}×", "", "", "", ""])
     bypassed = [s for s in swarms if s.peers and not s.peer_served]
     warning = (f"**In {len(bypassed)} of {sum(s.peers for s in swarms)} runs with peers the peers served "
                "nothing: `naiad run --p2p-proxy` read every chunk straight from the registry, so those runs "
@@ -875,7 +880,8 @@ def swarm_table(ctx: Context, wl: Workload, networks: Sequence[int | None], samp
         f"{wl.name}, naiad-p2p: {nodes} nodes start the lazy image at the same moment; time to each node's "
         f"ready line, s, median (min–max) of {ctx.reps}",
         ["network", "method", "p50 over nodes s", "max over nodes s", "registry MB by the last ready",
-         "served by peers MB", "max / one node's time", "registry bytes / one node's"],
+         "served by peers MB", "max / one node's time", "registry bytes / one node's",
+         f"cores busy (of {os.cpu_count()})"],
         rows,
         [f"A cluster lab (`bench/netlab.py: cluster_lab`): the registry, a scheduler host and {nodes} node "
          "network namespaces on one bridge; the registry's egress shaped as above (tbf), the nodes' links "
@@ -890,7 +896,9 @@ def swarm_table(ctx: Context, wl: Workload, networks: Sequence[int | None], samp
          "The runs with and without peers alternate which goes first. All nodes share this machine's "
          "cores: N apps and N mount daemons start at once on 2 cores, so the CPU, not only the "
          "registry link, bounds the slowest node. Served by peers: the sum of the peers' "
-         "`naiad_p2p_client_bytes_total` (what their mirrors gave `naiad run`) at the last ready.",
+         "`naiad_p2p_client_bytes_total` (what their mirrors gave `naiad run`) at the last ready. Cores "
+         "busy: the machine's busy CPU seconds (/proc/stat, everyone's work, this benchmark's and "
+         "others') over the run's wall time.",
          warning],
     )
 
