@@ -184,8 +184,12 @@ class ChunkCache:
 
     def _flush_locked(self) -> None:
         if self._touched:
+            # One transaction: without it (isolation_level=None) every row is a commit of its own,
+            # and a cold start's few thousand rows cost 0.25 CPU s instead of 0.03.
+            self._db.execute("BEGIN")
             self._db.executemany("UPDATE chunks SET atime = ? WHERE digest = ?",
                                  [(t, d) for d, t in self._touched.items()])
+            self._db.execute("COMMIT")
             self._touched.clear()
         self._last_flush = time.monotonic()
 
