@@ -33,6 +33,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable
 
 from naiad.paths import naiad_home
 
@@ -74,7 +75,7 @@ class ChunkCache:
         self._db.execute("PRAGMA synchronous = NORMAL")
         self._db.executescript(SCHEMA)
         self._fds: dict[str, int] = {}
-        self._touched: dict[bytes, int] = {}
+        self._touched: dict[bytes, int] = {}  # uses to write back: digest -> time.time_ns()
         # Chunks this process wrote or has checked, with where they are.
         self._verified: dict[bytes, CacheEntry] = {}
         self._absent: dict[bytes, float] = {}  # digest -> when it was found absent
@@ -113,6 +114,18 @@ class ChunkCache:
                 self._absent[digest] = now
         return CacheEntry(*row) if row else None
 
+    def verified(self, digest: bytes) -> CacheEntry | None:
+        """Where this process knows the chunk's verified bytes are, without asking the index.
+
+        Such bytes stay put while this process lives: it holds a shared flock on every cache
+        file it has opened, and eviction takes an exclusive one.
+        """
+        return self._verified.get(digest)
+
+    def blob_fd(self, blob: str) -> int:
+        """A descriptor of `blob`'s cache file, for reading verified chunks in place (see verified())."""
+        return self._fd(blob)
+
     def contains(self, digest: bytes) -> bool:
         return digest in self._verified or self.lookup(digest) is not None
 
@@ -121,7 +134,7 @@ class ChunkCache:
         entry = self._verified.get(digest)
         if entry is not None:
             data = os.pread(self._fd(entry.blob), entry.usize, entry.uoffset)
-            self._touch(digest)
+            self.touch((digest,))
             return data
         entry = self.lookup(digest)
         if entry is None:
@@ -131,7 +144,7 @@ class ChunkCache:
             self._forget(digest)
             return None
         self._verified[digest] = entry
-        self._touch(digest)
+        self.touch((digest,))
         return data
 
     def read_part(self, digest: bytes, start: int, size: int) -> bytes | None:
@@ -140,7 +153,7 @@ class ChunkCache:
         if entry is None:
             data = self.get(digest)
             return None if data is None else data[start:start + size]
-        self._touch(digest)
+        self.touch((digest,))
         return os.pread(self._fd(entry.blob), min(size, entry.usize - start), entry.uoffset + start)
 
     def _forget(self, digest: bytes) -> None:
@@ -173,11 +186,13 @@ class ChunkCache:
                                  [(d, blob, u, len(data), now) for d, u, data in chunks])
             self._db.execute("COMMIT")
 
-    def _touch(self, digest: bytes) -> None:
+    def touch(self, digests: Iterable[bytes]) -> None:
+        """Record a use of these chunks, for the LRU order of eviction."""
         # Access times are batched: one write per few seconds, not one per read.
         now = time.time_ns()
         with self._lock:
-            self._touched[digest] = now
+            for digest in digests:
+                self._touched[digest] = now
             if time.monotonic() - self._last_flush < 5:
                 return
             self._flush_locked()
