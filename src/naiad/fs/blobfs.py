@@ -201,34 +201,34 @@ class BlobFS(pyfuse3.Operations):
         self.fetcher.served(len(data), hi - lo)
         return data
 
-    async def _read_chunks(self, f: _BlobFile, off: int, end: int, lo: int, hi: int) -> bytes:
+    async def _read_chunks(self, f: _BlobFile, off: int, end: int, first: int, stop: int) -> bytes:
         """Bytes [off, end) chunk by chunk: from the cache where it has them, else fetched."""
-        ids = f.chunk_ids[lo:hi]
+        ids = f.chunk_ids[first:stop]
         rows = self.bs.query(
             "SELECT id, digest, blob, offset, csize, usize, uoffset FROM chunks WHERE id IN"
             f" ({','.join('?' * len(ids))}) ORDER BY uoffset", tuple(ids)) if ids else []
-        chunks = [(lo + k, c) for k, c in enumerate(Chunk(*r) for r in rows) if c.uoffset + c.usize > off]
+        chunks = [(first + k, c) for k, c in enumerate(Chunk(*r) for r in rows) if c.uoffset + c.usize > off]
         cache = self.fetcher.cache
         out = bytearray(end - off)  # holes between chunks read as zeros
         missing: list[Chunk] = []
         from_cache = 0
         for _, c in chunks:
-            lo_, hi_ = max(off, c.uoffset), min(end, c.uoffset + c.usize)
-            part = cache.read_part(c.digest, lo_ - c.uoffset, hi_ - lo_)
+            lo, hi = max(off, c.uoffset), min(end, c.uoffset + c.usize)
+            part = cache.read_part(c.digest, lo - c.uoffset, hi - lo)
             if part is None:
                 missing.append(c)
             else:
-                out[lo_ - off:hi_ - off] = part
+                out[lo - off:hi - off] = part
                 from_cache += 1
         if missing:
             # Verified by the fetcher before it returns or caches anything.
             datas = await trio.to_thread.run_sync(self.fetcher.read, missing, limiter=self._fetch_limiter)
             for c, data in zip(missing, datas, strict=True):
-                lo_, hi_ = max(off, c.uoffset), min(end, c.uoffset + c.usize)
-                out[lo_ - off:hi_ - off] = data[lo_ - c.uoffset:hi_ - c.uoffset]
+                lo, hi = max(off, c.uoffset), min(end, c.uoffset + c.usize)
+                out[lo - off:hi - off] = data[lo - c.uoffset:hi - c.uoffset]
         self.fetcher.served(len(out), from_cache)
-        # Chunks now verified in this blob's own cache file take the fast path from now on (those
-        # just fetched are, once the fetcher has written them: at their next read).
+        # Chunks now verified in this blob's own cache file take the fast path from now on (one
+        # that another read's fetch is still writing to the cache does so from a later read).
         for i, c in chunks:
             where = cache.verified(c.digest)
             if where is not None and where.blob == f.digest and where.uoffset == c.uoffset:
