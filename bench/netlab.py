@@ -145,12 +145,6 @@ class Lab:
         _tbf(self.node_ns, self.node_dev, rate)
         self.node_rate = rate
 
-    def check_registry(self) -> None:
-        """Raise if the registry process has died."""
-        if self.registry_proc is not None and self.registry_proc.poll() is not None:
-            raise BenchError(f"the lab registry exited with {self.registry_proc.returncode}; "
-                             f"see {self.log_path}: {_tail(self.log_path)}")
-
 
 @contextlib.contextmanager
 def lab(rate: int | None = None, log: Callable[[str], None] | None = None) -> Iterator[Lab]:
@@ -167,7 +161,8 @@ def lab(rate: int | None = None, log: Callable[[str], None] | None = None) -> It
         try:
             _build(the_lab)
             the_lab.shape(rate)
-            _start_registry(the_lab, work)
+            _start_registry(the_lab, work, lambda argv: ["ip", "netns", "exec", the_lab.registry_ns, *argv],
+                            the_lab.node_argv)
             if log:
                 log(f"lab {token}: registry {the_lab.registry} in netns {the_lab.registry_ns}, "
                     f"node netns {the_lab.node_ns}, egress {rate_name(rate)}")
@@ -206,23 +201,24 @@ def _build(lab: Lab) -> None:
         _run(["ip", "-n", ns, "link", "set", "lo", "up"])
 
 
-def _start_registry(lab: Lab, work: Path) -> None:
+def _start_registry(lab: Lab | ClusterLab, work: Path, in_registry_ns: Callable[[list[str]], list[str]],
+                    in_node_ns: Callable[[list[str]], list[str]]) -> None:
+    """Start docker-registry in the registry's namespace; return once a node reaches its /v2/."""
     lab.storage.mkdir()
     config = work / "config.yml"
     config.write_text(REGISTRY_CONFIG.format(root=lab.storage, addr=lab.registry))
     with open(lab.log_path, "wb") as logf:
+        # Set before waiting: the lab's teardown must end it if it never answers.
         lab.registry_proc = subprocess.Popen(
-            ["ip", "netns", "exec", lab.registry_ns, "docker-registry", "serve", str(config)],
+            in_registry_ns(["docker-registry", "serve", str(config)]),
             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
-    # Ready when /v2/ answers from the node side.
-    probe = lab.node_argv([sys.executable, "-c",
-                           "import urllib.request; "
-                           f"urllib.request.urlopen('http://{lab.registry}/v2/', timeout=2)"])
+    probe = in_node_ns([sys.executable, "-c", "import urllib.request; "
+                        f"urllib.request.urlopen('http://{lab.registry}/v2/', timeout=2)"])
     deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        lab.check_registry()
-        if subprocess.run(probe, capture_output=True).returncode == 0:
-            return
+    while subprocess.run(probe, capture_output=True).returncode != 0:
+        if lab.registry_proc.poll() is not None:
+            raise BenchError(f"the lab registry exited with {lab.registry_proc.returncode}; "
+                             f"see {lab.log_path}: {_tail(lab.log_path)}")
         if time.monotonic() > deadline:
             raise BenchError(f"the lab registry did not answer on {lab.registry} within "
                              f"{START_TIMEOUT:.0f} s: {_tail(lab.log_path)}")
@@ -298,7 +294,8 @@ def cluster_lab(nodes: int, registry_rate: int | None, node_rate: int | None,
     with _signals_raise():
         try:
             _build_cluster(the_lab, registry_rate, node_rate)
-            _start_cluster_registry(the_lab, work)
+            _start_registry(the_lab, work, lambda argv: the_lab.argv("reg", argv),
+                            lambda argv: the_lab.argv("n0", argv))
             if log:
                 log(f"p2p lab {token}: registry {the_lab.registry} ({rate_name(registry_rate)}), "
                     f"{nodes} nodes ({rate_name(node_rate)} links) on a bridge")
@@ -332,23 +329,6 @@ def _build_cluster(lab: ClusterLab, registry_rate: int | None, node_rate: int | 
             _tbf(ns, f"{host}0", egress)
         if ingress is not None:
             _tbf(sw, f"p-{host}", ingress)  # what the switch sends the host: its download link
-
-
-def _start_cluster_registry(lab: ClusterLab, work: Path) -> None:
-    lab.storage.mkdir()
-    config = work / "config.yml"
-    config.write_text(REGISTRY_CONFIG.format(root=lab.storage, addr=lab.registry))
-    with open(lab.log_path, "wb") as logf:
-        lab.registry_proc = subprocess.Popen(
-            lab.argv("reg", ["docker-registry", "serve", str(config)]),
-            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
-    probe = lab.argv("n0", [sys.executable, "-c", "import urllib.request; "
-                            f"urllib.request.urlopen('http://{lab.registry}/v2/', timeout=2)"])
-    deadline = time.monotonic() + START_TIMEOUT
-    while subprocess.run(probe, capture_output=True).returncode != 0:
-        if lab.registry_proc.poll() is not None or time.monotonic() > deadline:
-            raise BenchError(f"the lab registry did not come up: {_tail(lab.log_path)}")
-        time.sleep(0.1)
 
 
 def _teardown_namespaces(namespaces: Sequence[str], proc: subprocess.Popen | None) -> list[str]:

@@ -41,9 +41,6 @@ from test_mount import (
     pid_alive,
     publish,
     rand,
-    read_in_child,
-    registry_blob,
-    sha256,
     wait_for,
     write_tree,
 )
@@ -117,37 +114,6 @@ def test_kernel_mode_reads_one_small_file_lazily(registry: RegistryServer, node:
     assert stats["bytes_fetched"] == fetched - sum(  # the bootstrap is not counted by the mount
         size for digest, size in blob_gets(registry, since).items()
         if digest not in {b["digest"] for b in built["blobs"]})
-
-
-def test_kernel_mode_tampered_chunk_gives_eio_to_its_files_only(registry: RegistryServer,
-                                                               node: Node) -> None:
-    files = {"etc/bad": rand(200 * KiB, 1), "etc/good": rand(200 * KiB, 2), "etc/text": b"text\n" * 1000}
-    tree = write_tree(node.root / "tree", files)
-    # Stored raw: the registry's bytes are the file's bytes, so a flipped byte is easy to place.
-    ref, _ = publish(node.home, tree, registry, "--compressor", "none", "--chunk-size", "64K",
-                     name="erofs-tamper")
-    mnt = kernel_mount(node, ref)
-    with node.bootstrap() as bs:
-        blobs = {b.id: b.digest for b in bs.blobs()}
-        bad_chunk = bs.file_chunks(bs.resolve("/etc/bad"))[1]
-    blob = registry_blob(registry, blobs[bad_chunk.blob])
-    original = blob.read_bytes()
-    at = bad_chunk.offset + bad_chunk.csize // 2
-    with open(blob, "r+b") as f:
-        f.seek(at)
-        f.write(bytes([original[at] ^ 0xFF]))
-    try:
-        assert read_in_child(mnt / "etc/bad") == ("errno", str(errno.EIO))
-        for rel in ("etc/good", "etc/text"):
-            assert read_in_child(mnt / rel) == ("ok", sha256(files[rel]))
-        assert read_in_child(mnt / "etc/bad") == ("errno", str(errno.EIO))  # asked again, failed again
-        rows = node.cache_rows()
-        assert bad_chunk.digest not in rows and rows
-        node.assert_cache_consistent()
-    finally:
-        blob.write_bytes(original)
-    assert read_in_child(mnt / "etc/bad") == ("ok", sha256(files["etc/bad"]))
-    node.assert_cache_consistent()
 
 
 @pytest.fixture(scope="module")

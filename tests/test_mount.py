@@ -53,6 +53,7 @@ from registry_server import RegistryServer
 from treecmp import compare_trees, umoci_unpack
 
 from naiad.format.bootstrap import Bootstrap
+from naiad.fs.kernel import erofs_available
 
 KiB, MiB = 1 << 10, 1 << 20
 WAIT = 60.0  # bound on every wait for something asynchronous; tests never sleep for a fixed time
@@ -352,13 +353,17 @@ def test_reading_one_small_file_fetches_under_one_percent(registry: RegistryServ
 # --- 3. integrity ----------------------------------------------------------------------------
 
 
-def test_tampered_chunk_gives_eio_and_never_reaches_the_cache(registry: RegistryServer, node: Node) -> None:
+@pytest.mark.parametrize("mode", ["fuse", pytest.param("kernel", marks=pytest.mark.skipif(
+    erofs_available() is not None, reason=f"kernel mode: {erofs_available()}"))])
+def test_tampered_chunk_gives_eio_and_never_reaches_the_cache(mode: str, registry: RegistryServer,
+                                                              node: Node) -> None:
+    """In both modes: EIO to the files a bad chunk belongs to only, and never a bad byte in the cache."""
     files = {"etc/bad": rand(200 * KiB, 1), "etc/good": rand(200 * KiB, 2), "etc/text": b"text\n" * 1000}
     tree = write_tree(node.root / "tree", files)
     # Stored raw: the registry's bytes are the file's bytes, so a flipped byte is easy to place.
     ref, _ = publish(node.home, tree, registry, "--compressor", "none", "--chunk-size", "64K",
                          name="tamper")
-    mnt = node.mount(ref)
+    mnt = node.mount(ref, "--mode", mode)
     with node.bootstrap() as bs:
         blobs = {b.id: b.digest for b in bs.blobs()}
         bad_chunk = bs.file_chunks(bs.resolve("/etc/bad"))[1]
