@@ -170,9 +170,22 @@ def get(url: str, start: int | None = None, end: int | None = None, timeout: flo
 
 
 def registry_blob_bytes(registry_server: object, digest: str) -> int:
-    """Bytes the registry sent in answers to GETs of the blob (from its access log)."""
-    return sum(e.size for e in registry_server.requests()  # type: ignore[attr-defined]
-               if e.method == "GET" and e.path.split("?")[0].endswith(digest))
+    """Bytes the registry sent in answers to GETs of the blob, once its access log has settled.
+
+    The registry writes a request's line after the client has its bytes, so the count is read
+    until two reads 0.1 s apart agree.
+    """
+    def count() -> int:
+        return sum(e.size for e in registry_server.requests()  # type: ignore[attr-defined]
+                   if e.method == "GET" and e.path.split("?")[0].endswith(digest))
+
+    last = count()
+    while True:
+        time.sleep(0.1)
+        now = count()
+        if now == last:
+            return now
+        last = now
 
 
 def metric(url: str, name: str) -> float:
