@@ -674,6 +674,15 @@ def test_umount_of_busy_mount_fails_and_keeps_it(small_image, node: Node) -> Non
     node.umount(mnt)
 
 
+@pytest.mark.parametrize("mode", ["fuse", pytest.param("kernel", marks=pytest.mark.skipif(
+    erofs_available() is not None, reason=f"kernel mode: {erofs_available()}"))])
+def test_stats_right_after_mount(mode: str, small_image, node: Node) -> None:
+    ref, _ = small_image
+    mnt = node.mount(ref, "--mode", mode)
+    stats = node.stats(mnt)  # no wait: the daemon wrote them before it said it was ready
+    assert stats["mode"] == mode and stats["bytes_fetched"] == 0 and stats["files_read"] == 0
+
+
 def test_statfs_and_read_only(small_image, node: Node) -> None:
     ref, files = small_image
     mnt = node.mount(ref, "--mode", "fuse")  # kernel mode's EROFS counts no f_files (test_erofs.py)

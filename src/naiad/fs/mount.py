@@ -154,7 +154,7 @@ def serve(ref: Reference, mountpoint: str, registry: RegistryOptions, options: M
                 "mode": mount.mode}
         prefetcher = Prefetcher(img.bootstrap, fetcher, options)
         try:
-            trio.run(_main, mount, prefetcher, lambda: mount.up(info, notify_fd))
+            trio.run(_main, mount, prefetcher, lambda: mount.up(info, prefetcher, notify_fd))
         finally:
             mount.stop_kernel(detach=True)
             pyfuse3.close(unmount=True)
@@ -219,13 +219,15 @@ class _Mount:
         os.makedirs(path, exist_ok=True)
         return path
 
-    async def up(self, info: dict, notify_fd: int | None) -> None:
+    async def up(self, info: dict, prefetcher: Prefetcher, notify_fd: int | None) -> None:
         """Finish mounting (the FUSE loop runs now), then record state and tell the starter."""
         if self.image is not None:
             assert isinstance(self.fs, BlobFS)
             devices = self.fs.paths(self.blob_dir)
             await trio.to_thread.run_sync(kernel.mount_erofs, self.image, devices, self.mountpoint)
             self.kernel_mounted = True
+        # Both files exist before "ready": `naiad stats` right after `naiad mount` must work.
+        write_json(os.path.join(self.state, "stats.json"), self.stats(prefetcher))
         write_json(os.path.join(self.state, "state.json"), info)
         if notify_fd is not None:
             os.write(notify_fd, b"ready\n")
