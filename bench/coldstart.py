@@ -69,6 +69,7 @@ from pathlib import Path
 
 from bench import BenchError, Context, Table, benchmark
 from bench.harness import (
+    end_process,
     machine_busy_seconds,
     mb,
     median,
@@ -697,13 +698,7 @@ def until_ready(argv: Sequence[str], env: dict[str, str], ready: str,
                              + "\n".join(lines[-15:]))
         return t_ready
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        end_process(proc)
         proc.stdout.close()
 
 

@@ -100,6 +100,17 @@ def background_note(runs: Sequence[Run]) -> str:
     return text + "."
 
 
+def end_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM `proc` if it still runs, and SIGKILL it if it has not exited within `timeout` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def naiad_argv(*args: str) -> list[str]:
     """The naiad CLI of the Python running the harness (the project venv)."""
     return [sys.executable, "-m", "naiad", *args]

@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from bench import BenchError
-from bench.harness import require_tools
+from bench.harness import end_process, require_tools
 
 REGISTRY_ADDR = "10.77.0.1"
 NODE_ADDR = "10.77.0.2"
@@ -334,13 +334,8 @@ def _build_cluster(lab: ClusterLab, registry_rate: int | None, node_rate: int | 
 def _teardown_namespaces(namespaces: Sequence[str], proc: subprocess.Popen | None) -> list[str]:
     """End `proc` and every process left in `namespaces`, then delete the namespaces."""
     problems: list[str] = []
-    if proc is not None and proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    if proc is not None:
+        end_process(proc, timeout=5)
     existing = set(_ip_out("netns", "list").split()) if shutil.which("ip") else set()
     for ns in namespaces:
         if ns not in existing:

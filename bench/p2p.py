@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from bench import BenchError, Context, Table, benchmark
-from bench.harness import mb, naiad_argv, pass_fail, require_tools, scratch
+from bench.harness import end_process, mb, naiad_argv, pass_fail, require_tools, scratch
 from bench.netlab import CLUSTER_SCHEDULER, ClusterLab, cluster_lab, parse_rate, rate_name
 
 REGISTRY_RATE = parse_rate("100mbit")
@@ -101,14 +101,11 @@ class PeerCluster:
         return log
 
     def __exit__(self, *exc: object) -> None:
+        for p in self.procs:  # all at once, then wait for each: they stop in parallel
+            if p.poll() is None:
+                p.terminate()
         for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+            end_process(p)
 
 
 def _pull_all(lab: ClusterLab, urls: dict[int, str], size: int) -> list[float]:

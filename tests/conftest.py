@@ -68,3 +68,14 @@ def node(tmp_path):
         yield n
     finally:
         n.cleanup()
+
+
+@pytest.fixture(scope="module")
+def small_image(registry: RegistryServer, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
+    """A two-file naiad image on `registry` for mount tests: (reference, {path: bytes})."""
+    from test_mount import KiB, publish, rand, write_tree
+
+    root = tmp_path_factory.mktemp("small")
+    files = {"etc/hello": b"hello\n", "bin/tool": rand(300 * KiB, 70)}
+    ref, _ = publish(root / "home", write_tree(root / "tree", files), registry, name="small")
+    return ref, files

@@ -42,7 +42,6 @@ from test_mount import (
     publish,
     rand,
     wait_for,
-    write_tree,
 )
 from treecmp import compare_trees
 
@@ -120,14 +119,6 @@ def test_kernel_mode_reads_one_small_file_lazily(registry: RegistryServer, node:
     # The small file's chunk, plus what read amplification (1 MiB) and the kernel's readahead
     # on the blob file pull in: a few MB of 96.
     assert fetched < 0.05 * blob_bytes, (fetched, blob_bytes)
-
-
-@pytest.fixture(scope="module")
-def small_image(registry: RegistryServer, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
-    root = tmp_path_factory.mktemp("small")
-    files = {"etc/hello": b"hello\n", "bin/tool": rand(300 * KiB, 70)}
-    ref, _ = publish(root / "home", write_tree(root / "tree", files), registry, name="erofs-small")
-    return ref, files
 
 
 def test_umount_and_sigterm_leave_nothing_mounted(small_image, node: Node) -> None:

@@ -614,14 +614,6 @@ def test_prefetch_all_caches_every_chunk(registry: RegistryServer, node: Node) -
 # --- 7. the mount's lifecycle ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def small_image(registry: RegistryServer, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
-    root = tmp_path_factory.mktemp("small")
-    files = {"etc/hello": b"hello\n", "bin/tool": rand(300 * KiB, 70)}
-    ref, _ = publish(root / "home", write_tree(root / "tree", files), registry, name="small")
-    return ref, files
-
-
 def test_mount_is_usable_when_the_command_returns(small_image, node: Node) -> None:
     ref, files = small_image
     mnt = node.mount(ref)
