@@ -87,10 +87,12 @@ class BlobFS(pyfuse3.Operations):
         """How many files the reads so far were for (by the chunks they started in)."""
         counted, files = self._files_read
         if counted != len(self._started):
-            ids = json.dumps(list(self._started))  # one parameter, however many chunks
+            # Called from a worker thread while reads add chunks: count one snapshot of them.
+            started = list(self._started)
             files = self.bs.query("SELECT count(DISTINCT ino) FROM file_chunks"
-                                  " WHERE chunk IN (SELECT value FROM json_each(?))", (ids,))[0][0]
-            self._files_read = (len(self._started), files)
+                                  " WHERE chunk IN (SELECT value FROM json_each(?))",
+                                  (json.dumps(started),))[0][0]  # one parameter, however many chunks
+            self._files_read = (len(started), files)
         return files
 
     def first_reads(self) -> list[tuple[int, int]]:

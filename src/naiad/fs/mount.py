@@ -286,7 +286,10 @@ async def _report(mount: _Mount, prefetcher: Prefetcher) -> None:
             mount.kernel_mounted = False
             pyfuse3.terminate()
             return
-        write_json(os.path.join(mount.state, "stats.json"), mount.stats(prefetcher))
+        # In a thread: counting the files read asks the bootstrap a question that takes tens of ms on
+        # a big image, and every FUSE request would wait for it on this loop.
+        stats = await trio.to_thread.run_sync(mount.stats, prefetcher)
+        write_json(os.path.join(mount.state, "stats.json"), stats)
         await trio.sleep(1)
 
 
