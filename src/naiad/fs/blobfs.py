@@ -162,7 +162,7 @@ class BlobFS(pyfuse3.Operations):
 
     # --- data ------------------------------------------------------------
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
         try:
             return await self._read(self._by_ino[fh], off, size)
         except pyfuse3.FUSEError:
@@ -175,7 +175,7 @@ class BlobFS(pyfuse3.Operations):
             log.exception("read of blob file %d at %d failed", fh - ROOT_INO, off)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
-    async def _read(self, f: _BlobFile, off: int, size: int) -> bytes:
+    async def _read(self, f: _BlobFile, off: int, size: int) -> bytes | bytearray:
         end = min(off + size, f.size)
         if off >= end:
             return b""
@@ -185,26 +185,32 @@ class BlobFS(pyfuse3.Operations):
         if lo < hi and f.uoffsets[lo] <= off:
             self._started.setdefault(f.chunk_ids[lo], None)
         if all(i in f.present for i in range(lo, hi)):
-            return self._read_present(f, off, end, lo, hi)
-        return await self._read_chunks(f, off, end, lo, hi)
+            return await self._read_present(f, off, end, lo, hi)
+        # The bootstrap, the cache index and cache files on disk, or the network: a worker thread.
+        return await trio.to_thread.run_sync(self._read_chunks, f, off, end, lo, hi,
+                                             limiter=self._fetch_limiter)
 
-    def _read_present(self, f: _BlobFile, off: int, end: int, lo: int, hi: int) -> bytes:
-        """Bytes [off, end) with one pread of the blob's cache file: no index, no copies, no thread.
+    async def _read_present(self, f: _BlobFile, off: int, end: int, lo: int, hi: int) -> bytes | bytearray:
+        """Bytes [off, end) with one pread of the blob's cache file: no index, no copies.
 
         The cache file has this file's layout (chunks at their uoffset, zeros between them), so
-        with every chunk of the range present in it the read is the answer. It runs on the event
-        loop: a pread from the page cache costs microseconds, a thread hop more than that.
+        with every chunk of the range present in it the read is the answer. From the page cache
+        it is read on the event loop (microseconds, less than a thread hop); only a read that
+        would wait for the disk goes to a worker thread, so that it holds up no other read.
         """
         cache = self.fetcher.cache
-        data = os.pread(cache.blob_fd(f.digest), end - off, off)
-        if len(data) < end - off:  # the cache file ends before this file: the rest is holes
-            data += bytes(end - off - len(data))
+        fd = cache.blob_fd(f.digest)
+        data = _pread_if_cached(fd, end - off, off)
+        if data is None:
+            data = await trio.to_thread.run_sync(os.pread, fd, end - off, off, limiter=self._fetch_limiter)
+            if len(data) < end - off:  # the cache file ends before this file: the rest is holes
+                data += bytes(end - off - len(data))
         cache.touch(f.present[i] for i in range(lo, hi))
         self.fetcher.served(len(data), hi - lo)
         return data
 
-    async def _read_chunks(self, f: _BlobFile, off: int, end: int, first: int, stop: int) -> bytes:
-        """Bytes [off, end) chunk by chunk: from the cache where it has them, else fetched."""
+    def _read_chunks(self, f: _BlobFile, off: int, end: int, first: int, stop: int) -> bytearray:
+        """Bytes [off, end) chunk by chunk, from the cache where it has them, else fetched (in a thread)."""
         ids = f.chunk_ids[first:stop]
         rows = self.bs.query(
             "SELECT id, digest, blob, offset, csize, usize, uoffset FROM chunks WHERE id IN"
@@ -224,8 +230,7 @@ class BlobFS(pyfuse3.Operations):
                 from_cache += 1
         if missing:
             # Verified by the fetcher before it returns or caches anything.
-            datas = await trio.to_thread.run_sync(self.fetcher.read, missing, limiter=self._fetch_limiter)
-            for c, data in zip(missing, datas, strict=True):
+            for c, data in zip(missing, self.fetcher.read(missing), strict=True):
                 lo, hi = max(off, c.uoffset), min(end, c.uoffset + c.usize)
                 out[lo - off:hi - off] = data[lo - c.uoffset:hi - c.uoffset]
         self.fetcher.served(len(out), from_cache)
@@ -235,4 +240,18 @@ class BlobFS(pyfuse3.Operations):
             where = cache.verified(c.digest)
             if where is not None and where.blob == f.digest and where.uoffset == c.uoffset:
                 f.present[i] = c.digest
-        return bytes(out)
+        return out
+
+
+def _pread_if_cached(fd: int, size: int, offset: int) -> bytearray | None:
+    """pread if all `size` bytes are in the page cache; None where it would wait for the disk."""
+    buf = bytearray(size)
+    try:
+        n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return None
+    except OSError as e:
+        if e.errno == errno.EOPNOTSUPP:  # a filesystem without RWF_NOWAIT: the thread it is
+            return None
+        raise
+    return buf if n == size else None

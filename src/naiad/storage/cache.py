@@ -9,10 +9,17 @@ arrived first.
 Crash safety: a chunk's bytes are written before its index row is
 committed, so a process killed at any point leaves at worst bytes nobody
 points at, never a row pointing at torn bytes. Only verified chunks are
-ever put here (the fetcher decodes and checks them first), and each process
-re-verifies a chunk the first time it reads one that another process
-wrote, so a cache file damaged or replaced on disk is caught, dropped and
-fetched again rather than served.
+ever put here (the fetcher decodes and checks them first).
+
+Trust is scoped to a boot. Each row records the boot (the kernel's
+`boot_id`) in which its bytes were written or last checked. Within that
+boot the kernel's page cache is the truth for every process, so a row of
+the current boot is served as is: a second mount of an image reads only
+the bytes it needs, with no hashing. A row of an earlier boot may point at
+bytes a power loss never let reach the disk (the bytes are not fsynced; the
+row may be), so the first read of such a chunk hashes it whole: a match
+moves the row to this boot, a mismatch drops it and the chunk is fetched
+again rather than served.
 
 Eviction is least-recently-used by chunk: holes are punched where evicted
 chunks were, so the files stay sparse and their layout stays fixed. Every
@@ -33,6 +40,7 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterable
 
 from naiad.paths import naiad_home
@@ -48,7 +56,8 @@ CREATE TABLE IF NOT EXISTS chunks (
     blob TEXT NOT NULL,
     uoffset INTEGER NOT NULL,
     usize INTEGER NOT NULL,
-    atime INTEGER NOT NULL  -- last use, in ns: in seconds, all the chunks one read touches would tie
+    atime INTEGER NOT NULL,  -- last use, in ns: in seconds, all the chunks one read touches would tie
+    boot TEXT NOT NULL DEFAULT ''  -- the boot_id in which the bytes were written or last checked
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS chunks_atime ON chunks (atime);
 CREATE INDEX IF NOT EXISTS chunks_blob ON chunks (blob);
@@ -62,11 +71,22 @@ class CacheEntry:
     usize: int
 
 
+def boot_id() -> str:
+    """This boot's identity: rows written in it are trusted by every process until the next."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        # Unknown: a boot of this process's own, so that only the process itself trusts its rows.
+        return f"process-{uuid.uuid4()}"
+
+
 class ChunkCache:
     """Thread-safe; several processes may share one cache directory."""
 
-    def __init__(self, root: str | None = None):
+    def __init__(self, root: str | None = None, *, boot: str | None = None):
         self.root = root or os.path.join(naiad_home(), "cache")
+        self.boot = boot or boot_id()
         os.makedirs(os.path.join(self.root, "blobs"), exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(os.path.join(self.root, "index.db"), check_same_thread=False,
@@ -74,6 +94,7 @@ class ChunkCache:
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = NORMAL")
         self._db.executescript(SCHEMA)
+        _add_boot_column(self._db)
         self._fds: dict[str, int] = {}
         self._touched: dict[bytes, int] = {}  # uses to write back: digest -> time.time_ns()
         # Chunks this process wrote or has checked, with where they are.
@@ -87,8 +108,16 @@ class ChunkCache:
     def _fd(self, blob: str) -> int:
         fd = self._fds.get(blob)
         if fd is None:
-            fd = os.open(self._path(blob), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_SH)
+            path = self._path(blob)
+            while True:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                # Eviction unlinks a file it emptied while holding it exclusively: a file opened
+                # before that and locked after is no longer the one at `path`.
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                        break
+                os.close(fd)
             with self._lock:
                 if blob in self._fds:
                     os.close(fd)
@@ -98,21 +127,61 @@ class ChunkCache:
         return fd
 
     def lookup(self, digest: bytes) -> CacheEntry | None:
+        found = self._row(digest)
+        return None if found is None else found[0]
+
+    def _row(self, digest: bytes, *, fresh: bool = False) -> tuple[CacheEntry, bool] | None:
+        """(where the chunk is, whether its row is of this boot), if the index has it."""
         now = time.monotonic()
         with self._lock:
             # A chunk found absent a moment ago is taken as still absent: a cold start asks
             # for the same missing chunk several times within milliseconds. If another
             # process cached it meanwhile, the cost is one redundant fetch, never wrong bytes.
-            if now - self._absent.get(digest, -ABSENT_TTL) < ABSENT_TTL:
+            if not fresh and now - self._absent.get(digest, -ABSENT_TTL) < ABSENT_TTL:
                 return None
             row = self._db.execute(
-                "SELECT blob, uoffset, usize FROM chunks WHERE digest = ?", (digest,)
+                "SELECT blob, uoffset, usize, boot FROM chunks WHERE digest = ?", (digest,)
             ).fetchone()
             if row is None:
                 if len(self._absent) > 100_000:
                     self._absent.clear()
                 self._absent[digest] = now
-        return CacheEntry(*row) if row else None
+                return None
+        return CacheEntry(*row[:3]), row[3] == self.boot
+
+    def _held(self, digest: bytes) -> tuple[CacheEntry, bool] | None:
+        """The chunk's row, read while this process holds its cache file's flock."""
+        found = self._row(digest)
+        if found is not None and found[0].blob not in self._fds:
+            # Eviction may have taken the chunk between the query and the flock: ask again
+            # under the flock, from when on eviction leaves the file alone.
+            self._fd(found[0].blob)
+            found = self._row(digest, fresh=True)
+        return found
+
+    def _locate(self, digest: bytes) -> tuple[CacheEntry, bytes | None] | None:
+        """Where the chunk's verified bytes are, if cached; also the bytes if they had to be checked.
+
+        A row of this boot is trusted (module docstring); one of an earlier boot is hashed whole
+        once, and then counts as of this boot.
+        """
+        entry = self._verified.get(digest)
+        if entry is not None:
+            return entry, None
+        found = self._held(digest)
+        if found is None:
+            return None
+        entry, this_boot = found
+        data = None
+        if not this_boot:
+            data = os.pread(self._fd(entry.blob), entry.usize, entry.uoffset)
+            if len(data) != entry.usize or hashlib.sha256(data).digest() != digest:
+                self._forget(digest)
+                return None
+            with self._lock:
+                self._db.execute("UPDATE chunks SET boot = ? WHERE digest = ?", (self.boot, digest))
+        self._verified[digest] = entry
+        return entry, data
 
     def verified(self, digest: bytes) -> CacheEntry | None:
         """Where this process knows the chunk's verified bytes are, without asking the index.
@@ -131,30 +200,24 @@ class ChunkCache:
 
     def get(self, digest: bytes) -> bytes | None:
         """The chunk's uncompressed bytes, if cached."""
-        entry = self._verified.get(digest)
-        if entry is not None:
-            data = os.pread(self._fd(entry.blob), entry.usize, entry.uoffset)
-            self.touch((digest,))
-            return data
-        entry = self.lookup(digest)
-        if entry is None:
+        return self.read_part(digest, 0, None)
+
+    def read_part(self, digest: bytes, start: int, size: int | None) -> bytes | None:
+        """Bytes [start, start+size) of a cached chunk (to its end if `size` is None)."""
+        found = self._locate(digest)
+        if found is None:
             return None
-        data = os.pread(self._fd(entry.blob), entry.usize, entry.uoffset)
-        if len(data) != entry.usize or hashlib.sha256(data).digest() != digest:
-            self._forget(digest)
-            return None
-        self._verified[digest] = entry
+        entry, data = found
+        end = entry.usize if size is None else min(start + size, entry.usize)
+        if data is None:
+            data = os.pread(self._fd(entry.blob), end - start, entry.uoffset + start)
+            if len(data) != end - start:  # the file is shorter than its rows say: damaged
+                self._forget(digest)
+                return None
+        elif start or end != entry.usize:
+            data = data[start:end]
         self.touch((digest,))
         return data
-
-    def read_part(self, digest: bytes, start: int, size: int) -> bytes | None:
-        """Bytes [start, start+size) of a cached chunk (reads only those once it is verified)."""
-        entry = self._verified.get(digest)
-        if entry is None:
-            data = self.get(digest)
-            return None if data is None else data[start:start + size]
-        self.touch((digest,))
-        return os.pread(self._fd(entry.blob), min(size, entry.usize - start), entry.uoffset + start)
 
     def _forget(self, digest: bytes) -> None:
         with self._lock:
@@ -182,8 +245,8 @@ class ChunkCache:
                 self._verified[digest] = CacheEntry(blob, uoffset, len(data))
                 self._absent.pop(digest, None)
             self._db.execute("BEGIN")
-            self._db.executemany("INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?)",
-                                 [(d, blob, u, len(data), now) for d, u, data in chunks])
+            self._db.executemany("INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?, ?)",
+                                 [(d, blob, u, len(data), now, self.boot) for d, u, data in chunks])
             self._db.execute("COMMIT")
 
     def touch(self, digests: Iterable[bytes]) -> None:
@@ -288,6 +351,14 @@ class ChunkCache:
                 os.close(fd)
             self._fds.clear()
             self._db.close()
+
+
+def _add_boot_column(db: sqlite3.Connection) -> None:
+    """Give a cache made before rows had a boot the column; its rows count as of an earlier boot."""
+    if any(col[1] == "boot" for col in db.execute("PRAGMA table_info(chunks)")):
+        return
+    with contextlib.suppress(sqlite3.OperationalError):  # another process added it meanwhile
+        db.execute("ALTER TABLE chunks ADD COLUMN boot TEXT NOT NULL DEFAULT ''")
 
 
 def _punch(fd: int, offset: int, size: int) -> None:
