@@ -9,6 +9,7 @@ registry.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import subprocess
@@ -16,6 +17,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import zstandard
 from corpus import ALL_IMAGES, image, write_corpus
 from imagegen import (
     SIMPLE_LAYER,
@@ -30,6 +32,8 @@ from imagegen import (
 from treecmp import compare_trees, umoci_unpack
 
 from naiad.cli import main
+from naiad.format.bootstrap import Bootstrap
+from naiad.format.erofs import write_erofs
 
 
 @pytest.fixture(autouse=True)
@@ -169,13 +173,30 @@ def test_config_and_manifest(corpus, tmp_path):
     manifest = _manifest(out, "latest-naiad")  # default tag: TAG-naiad
     layers = manifest["layers"]
     assert layers[-1]["mediaType"] == "application/vnd.oci.image.layer.naiad.bootstrap.v1.sqlite+zstd"
-    assert all(la["mediaType"] == "application/vnd.oci.image.layer.naiad.blob.v1" for la in layers[:-1])
+    assert layers[-2]["mediaType"] == "application/vnd.oci.image.layer.naiad.erofs.v1+zstd"
+    assert all(la["mediaType"] == "application/vnd.oci.image.layer.naiad.blob.v1" for la in layers[:-2])
     assert manifest["annotations"]["dev.naiad.source.manifest"] == corpus["xattrs"].manifest_digest
     config = json.loads((out / "blobs/sha256" / manifest["config"]["digest"][7:]).read_bytes())
     source = dict(corpus["xattrs"].config)
     assert {k: v for k, v in config.items() if k != "rootfs"} == {
         k: v for k, v in source.items() if k != "rootfs"}
-    assert config["rootfs"]["diff_ids"][:-1] == [la["digest"] for la in layers[:-1]]
+    diff_ids = config["rootfs"]["diff_ids"]
+    assert diff_ids[:-2] == [la["digest"] for la in layers[:-2]]
+
+    # The shipped EROFS view is exactly what a node would generate from the bootstrap.
+    def unpacked(layer: dict, diff_id: str) -> Path:
+        raw = zstandard.ZstdDecompressor().stream_reader(
+            io.BytesIO((out / "blobs/sha256" / layer["digest"][7:]).read_bytes())).read()
+        assert "sha256:" + hashlib.sha256(raw).hexdigest() == diff_id
+        path = tmp_path / diff_id[7:]
+        path.write_bytes(raw)
+        return path
+
+    view = unpacked(layers[-2], diff_ids[-2])
+    bs = Bootstrap(str(unpacked(layers[-1], diff_ids[-1])))
+    write_erofs(bs, str(tmp_path / "here.erofs"))
+    bs.close()
+    assert (tmp_path / "here.erofs").read_bytes() == view.read_bytes()
 
 
 def test_dedup_across_layers(corpus, tmp_path, capsys):

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import signal
 import stat
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -41,7 +43,9 @@ from test_mount import (
     pid_alive,
     publish,
     rand,
+    registry_blob,
     wait_for,
+    write_tree,
 )
 from treecmp import compare_trees
 
@@ -119,6 +123,57 @@ def test_kernel_mode_reads_one_small_file_lazily(registry: RegistryServer, node:
     # The small file's chunk, plus what read amplification (1 MiB) and the kernel's readahead
     # on the blob file pull in: a few MB of 96.
     assert fetched < 0.05 * blob_bytes, (fetched, blob_bytes)
+
+
+EROFS_LAYER = "application/vnd.oci.image.layer.naiad.erofs.v1+zstd"
+
+
+def erofs_layer(registry: RegistryServer, ref: str) -> dict:
+    """The EROFS view's descriptor in the manifest of `ref` (docker://HOST/REPO:TAG)."""
+    repo, tag = ref.removeprefix(f"docker://{registry.host}/").rsplit(":", 1)
+    request = urllib.request.Request(f"http://{registry.host}/v2/{repo}/manifests/{tag}",
+                                     headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    with urllib.request.urlopen(request) as answer:
+        layers = json.load(answer)["layers"]
+    (view,) = [la for la in layers if la["mediaType"] == EROFS_LAYER]
+    return view
+
+
+def test_kernel_mount_takes_the_view_the_image_ships(registry: RegistryServer, node: Node) -> None:
+    files = {"etc/hello": b"hello\n", "bin/tool": rand(300 * KiB, 71)}
+    ref, _ = publish(node.home, write_tree(node.root / "tree", files), registry, name="shipped")
+    view = erofs_layer(registry, ref)
+    since = len(registry.requests())
+    mnt = kernel_mount(node, ref)
+    assert (mnt / "bin/tool").read_bytes() == files["bin/tool"]
+    wait_for(lambda: view["digest"] in blob_gets(registry, since), "the registry's access log")
+    assert blob_gets(registry, since)[view["digest"]] == view["size"]  # fetched once, whole
+    assert "generating the EROFS view here" not in daemon_log(node, mnt)
+    node.umount(mnt)
+
+
+def test_a_tampered_view_is_not_mounted_the_node_makes_its_own(registry: RegistryServer, node: Node) -> None:
+    files = {"etc/hello": b"hello\n", "bin/tool": rand(300 * KiB, 72)}
+    ref, _ = publish(node.home, write_tree(node.root / "tree", files), registry, name="badview")
+    blob = registry_blob(registry, erofs_layer(registry, ref)["digest"])
+    original = blob.read_bytes()
+    blob.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
+    try:
+        mnt = kernel_mount(node, ref)
+        assert (mnt / "bin/tool").read_bytes() == files["bin/tool"]
+        assert (mnt / "etc/hello").read_bytes() == b"hello\n"
+        assert "generating the EROFS view here" in daemon_log(node, mnt)
+        expected = node.root / "expected.erofs"
+        with node.bootstrap() as bs:
+            write_erofs(bs, str(expected))
+            assert Path(bs.path).with_suffix(".erofs").read_bytes() == expected.read_bytes()
+        node.umount(mnt)
+    finally:
+        blob.write_bytes(original)
+
+
+def daemon_log(node: Node, mnt: Path) -> str:
+    return (blob_dir(node, mnt).parent / "daemon.log").read_text()
 
 
 def test_umount_and_sigterm_leave_nothing_mounted(small_image, node: Node) -> None:

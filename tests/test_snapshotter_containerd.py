@@ -35,7 +35,9 @@ SLOW_READER = ["/bin/sh", "-c", "for f in /data/files/*; do cat $f; sleep 0.05; 
 
 @pytest.fixture(scope="module")
 def images(registry, tmp_path_factory: pytest.TempPathFactory):
-    """(proxy, plain ref, naiad ref, the naiad image's data blob digests, its bootstrap digest)."""
+    """(proxy, plain ref, naiad ref, the naiad image's data blob digests, its bootstrap digest).
+
+    The naiad image's other layer, its EROFS view, is metadata like the bootstrap."""
     skip_unless_possible()
     # Built straight into the registry; pulled through the proxy, which counts requests.
     plain, naiad = make_images(tmp_path_factory.mktemp("sn-images"), registry.host)
@@ -46,7 +48,10 @@ def images(registry, tmp_path_factory: pytest.TempPathFactory):
 
         with source_for(parse_reference(f"docker://{naiad}")) as source:
             layers = resolve_image(source).layers
-        yield proxy, plain, naiad, [d.digest for d in layers[:-1]], layers[-1].digest
+        from naiad.format.spec import MEDIA_TYPE_BLOB
+
+        data_blobs = [d.digest for d in layers if d.media_type == MEDIA_TYPE_BLOB]
+        yield proxy, plain, naiad, data_blobs, layers[-1].digest
 
 
 @contextlib.contextmanager

@@ -26,15 +26,16 @@ import zstandard
 from naiad.builder.chunkdict import ChunkDict
 from naiad.builder.chunks import ChunkStore
 from naiad.builder.tree import Node, Tree
-from naiad.errors import InvalidLayerError
+from naiad.errors import FormatError, InvalidLayerError
 from naiad.format import spec
-from naiad.format.bootstrap import ROOT_INO, UNCOMPRESSED_ALIGN, BootstrapWriter
+from naiad.format.bootstrap import ROOT_INO, UNCOMPRESSED_ALIGN, Bootstrap, BootstrapWriter
+from naiad.format.erofs import erofs_path, write_erofs
 from naiad.oci import mediatypes as mt
 from naiad.oci.copy import CopyResult, copy_blob
 from naiad.oci.image import Descriptor
 from naiad.oci.layout import OCILayout
 
-BOOTSTRAP_ZSTD_LEVEL = 10
+METADATA_ZSTD_LEVEL = 10  # the bootstrap and its EROFS view: fetched before anything else
 
 
 @dataclasses.dataclass
@@ -214,31 +215,6 @@ def _prefetch_node(tree: Tree, path: bytes) -> Node | None:
     return node if node is not None and stat.S_ISREG(node.mode) else None
 
 
-def finish_image(layout: OCILayout, config: dict[str, Any], blob_descs: list[Descriptor], db_path: str,
-                 tag: str | None, annotations: dict[str, str] | None = None,
-                 ) -> tuple[str, dict[str, Any], Descriptor]:
-    """Add the bootstrap at `db_path`, the config and (last) the manifest to `layout`.
-
-    The config is `config` with rootfs.diff_ids made to match the layers.
-    Returns (manifest digest, manifest, bootstrap descriptor).
-    """
-    bootstrap, diff_id = _compress_bootstrap(db_path, layout)
-    new_config = copy.deepcopy(config)
-    new_config["rootfs"] = {"type": "layers", "diff_ids": [d.digest for d in blob_descs] + [diff_id]}
-    config_bytes = _canonical_json(new_config)
-    config_desc = Descriptor.for_bytes(mt.OCI_CONFIG, config_bytes)
-    layout.put_blob_bytes(config_bytes, config_desc)
-    manifest: dict[str, Any] = {
-        "schemaVersion": 2,
-        "mediaType": mt.OCI_MANIFEST,
-        "config": config_desc.to_json(),
-        "layers": [d.to_json() for d in [*blob_descs, bootstrap]],
-        "annotations": {spec.ANNOTATION_VERSION: str(spec.FORMAT_VERSION), **(annotations or {})},
-    }
-    digest = layout.put_manifest(_canonical_json(manifest), mt.OCI_MANIFEST, tag)
-    return digest, manifest, bootstrap
-
-
 def _write_tree(writer: BootstrapWriter, tree: Tree, order: list[tuple[bytes, Node, Node]],
                 inos: dict[int, int], nlinks: dict[int, int], chunk_ids: dict[bytes, int]) -> None:
     subdirs: dict[int, int] = {}
@@ -275,21 +251,62 @@ def _write_tree(writer: BootstrapWriter, tree: Tree, order: list[tuple[bytes, No
     writer.add_file_chunks(sorted(chunk_rows))
 
 
-def _compress_bootstrap(db_path: str, layout: OCILayout) -> tuple[Descriptor, str]:
+def finish_image(layout: OCILayout, config: dict[str, Any], blob_descs: list[Descriptor], db_path: str,
+                 tag: str | None, annotations: dict[str, str] | None = None,
+                 ) -> tuple[str, dict[str, Any], Descriptor]:
+    """Add the bootstrap at `db_path`, its EROFS view, the config and (last) the manifest to `layout`.
+
+    Layers: the blobs, the EROFS view (unless EROFS cannot hold the tree) and the bootstrap. The
+    config is `config` with rootfs.diff_ids made to match them.
+    Returns (manifest digest, manifest, bootstrap descriptor).
+    """
+    extra = [] if (view := _erofs_layer(db_path, layout)) is None else [view]
+    bootstrap = _compress_layer(db_path, layout, spec.MEDIA_TYPE_BOOTSTRAP, spec.ANNOTATION_BOOTSTRAP)
+    layers = [*((d, d.digest) for d in blob_descs), *extra, bootstrap]
+    new_config = copy.deepcopy(config)
+    new_config["rootfs"] = {"type": "layers", "diff_ids": [diff_id for _, diff_id in layers]}
+    config_bytes = _canonical_json(new_config)
+    config_desc = Descriptor.for_bytes(mt.OCI_CONFIG, config_bytes)
+    layout.put_blob_bytes(config_bytes, config_desc)
+    manifest: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": mt.OCI_MANIFEST,
+        "config": config_desc.to_json(),
+        "layers": [d.to_json() for d, _ in layers],
+        "annotations": {spec.ANNOTATION_VERSION: str(spec.FORMAT_VERSION), **(annotations or {})},
+    }
+    digest = layout.put_manifest(_canonical_json(manifest), mt.OCI_MANIFEST, tag)
+    return digest, manifest, bootstrap[0]
+
+
+def _erofs_layer(db_path: str, layout: OCILayout) -> tuple[Descriptor, str] | None:
+    """The bootstrap's EROFS view as a layer (format.md §9); None where EROFS cannot hold the tree."""
+    bs = Bootstrap(db_path)
+    try:
+        path = erofs_path(db_path)
+        write_erofs(bs, path)
+    except FormatError:
+        return None  # nodes serve such a tree with FUSE
+    finally:
+        bs.close()
+    return _compress_layer(path, layout, spec.MEDIA_TYPE_EROFS, spec.ANNOTATION_EROFS)
+
+
+def _compress_layer(path: str, layout: OCILayout, media_type: str, annotation: str) -> tuple[Descriptor, str]:
+    """Put file `path` into `layout` zstd-compressed, and remove it: (descriptor, diff_id)."""
     raw = hashlib.sha256()
-    out_path = db_path + ".zst"
+    out_path = path + ".zst"
     h = hashlib.sha256()
-    cctx = zstandard.ZstdCompressor(level=BOOTSTRAP_ZSTD_LEVEL, write_checksum=True)
-    with open(db_path, "rb") as src, open(out_path, "wb") as dst:
+    cctx = zstandard.ZstdCompressor(level=METADATA_ZSTD_LEVEL, write_checksum=True)
+    with open(path, "rb") as src, open(out_path, "wb") as dst:
         writer = cctx.stream_writer(_HashingSink(dst, h), closefd=False)
         while block := src.read(1 << 20):
             raw.update(block)
             writer.write(block)
         writer.flush(zstandard.FLUSH_FRAME)
-    os.unlink(db_path)
+    os.unlink(path)
     size = os.path.getsize(out_path)
-    desc = Descriptor(spec.MEDIA_TYPE_BOOTSTRAP, "sha256:" + h.hexdigest(), size,
-                      {spec.ANNOTATION_BOOTSTRAP: str(spec.FORMAT_VERSION)})
+    desc = Descriptor(media_type, "sha256:" + h.hexdigest(), size, {annotation: str(spec.FORMAT_VERSION)})
     layout.put_blob_file(out_path, desc)
     return desc, "sha256:" + raw.hexdigest()
 

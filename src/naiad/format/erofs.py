@@ -368,9 +368,14 @@ def is_current(path: str) -> bool:
     return fields[0] == MAGIC and fields[13] == VOLUME_NAME.ljust(16, b"\0")
 
 
+def erofs_path(bootstrap_path: str) -> str:
+    """Where the EROFS image of the bootstrap at `bootstrap_path` is kept: beside it."""
+    return os.path.splitext(bootstrap_path)[0] + ".erofs"
+
+
 def erofs_image(bs: Bootstrap) -> str:
-    """The EROFS image of `bs`, kept beside its file (`<bootstrap>.erofs`), written if missing."""
-    path = os.path.splitext(bs.path)[0] + ".erofs"
+    """The EROFS image of `bs` (at erofs_path()), written if missing or from another writer version."""
+    path = erofs_path(bs.path)
     if not is_current(path):
         write_erofs(bs, path)
     return path

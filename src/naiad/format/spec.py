@@ -6,9 +6,12 @@ FORMAT_VERSION = 1
 # containerd only treats descriptors with that prefix as layers.
 MEDIA_TYPE_BLOB = "application/vnd.oci.image.layer.naiad.blob.v1"
 MEDIA_TYPE_BOOTSTRAP = "application/vnd.oci.image.layer.naiad.bootstrap.v1.sqlite+zstd"
+# The bootstrap's EROFS view (docs/format.md §9), shipped so that nodes need not generate it.
+MEDIA_TYPE_EROFS = "application/vnd.oci.image.layer.naiad.erofs.v1+zstd"
 
 ANNOTATION_BLOB = "dev.naiad.blob"
 ANNOTATION_BOOTSTRAP = "dev.naiad.bootstrap"
+ANNOTATION_EROFS = "dev.naiad.erofs"
 ANNOTATION_VERSION = "dev.naiad.version"
 ANNOTATION_SOURCE = "dev.naiad.source.manifest"
 

@@ -4,6 +4,8 @@ The bootstrap is fetched once, checked against both the manifest's layer
 digest and the config's diff_id, and kept decompressed under
 `$NAIAD_HOME/bootstraps/` for SQLite to open; it is written to a temporary
 name and renamed, so a killed fetch never leaves a bootstrap that looks valid.
+The image's EROFS view, where it ships one, is fetched the same way, beside
+the bootstrap, when a kernel mount asks for it (`fetch_erofs`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from naiad.errors import DigestMismatchError, FormatError
 from naiad.format import spec
 from naiad.format.bootstrap import Blob, Bootstrap, Chunk
 from naiad.format.chunk import decode_chunk
+from naiad.format.erofs import erofs_path
 from naiad.oci.digest import HashingReader
 from naiad.oci.image import Descriptor, ImageSource, Platform, ResolvedImage, resolve_image
 from naiad.paths import naiad_home
@@ -44,13 +47,24 @@ class NaiadImage:
         if len(boots) != 1:
             raise FormatError(f"{source.ref} is not a naiad image (no bootstrap layer)")
         desc = boots[0]
-        diff_ids = image.diff_ids
-        if len(diff_ids) != len(image.layers):
-            raise FormatError(
-                f"{source.ref}: config has {len(diff_ids)} diff_ids for {len(image.layers)} layers"
-            )
-        path = fetch_bootstrap(source, desc, diff_ids[image.layers.index(desc)])
+        cache = os.path.join(naiad_home(), "bootstraps")
+        diff_id = _diff_id(source, image, desc)
+        path = os.path.join(cache, diff_id.replace(":", "-") + ".db")
+        if not os.path.exists(path):
+            fetch_layer(source, desc, diff_id, path, "bootstrap")
         return cls(source, image, Bootstrap(path), desc)
+
+    def fetch_erofs(self) -> str | None:
+        """Path of the EROFS view this image ships (erofs_path() of its bootstrap), fetched if
+        missing; None if it ships none. Whether the file suits this naiad is erofs_image()'s call."""
+        views = [d for d in self.image.layers if d.media_type == spec.MEDIA_TYPE_EROFS]
+        if len(views) != 1:
+            return None
+        path = erofs_path(self.bootstrap.path)
+        if not os.path.exists(path):
+            view = views[0]
+            fetch_layer(self.source, view, _diff_id(self.source, self.image, view), path, "EROFS view")
+        return path
 
     def blob_desc(self, blob_id: int) -> Descriptor:
         digest = self.blobs[blob_id].digest
@@ -66,18 +80,22 @@ class NaiadImage:
         self.bootstrap.close()
 
 
-def fetch_bootstrap(source: ImageSource, desc: Descriptor, diff_id: str) -> str:
-    """Path of the decompressed, verified bootstrap, fetching it if not cached."""
-    cache = os.path.join(naiad_home(), "bootstraps")
-    os.makedirs(cache, exist_ok=True)
-    path = os.path.join(cache, diff_id.replace(":", "-") + ".db")
-    if os.path.exists(path):
-        return path
-    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".fetch-")
+def _diff_id(source: ImageSource, image: ResolvedImage, desc: Descriptor) -> str:
+    diff_ids = image.diff_ids
+    if len(diff_ids) != len(image.layers):
+        raise FormatError(f"{source.ref}: config has {len(diff_ids)} diff_ids for {len(image.layers)} layers")
+    return diff_ids[image.layers.index(desc)]
+
+
+def fetch_layer(source: ImageSource, desc: Descriptor, diff_id: str, path: str, what: str) -> None:
+    """Fetch zstd layer `desc` decompressed to `path`, verified against its digest and `diff_id`."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".fetch-")
     try:
         raw_hash = hashlib.sha256()
         with os.fdopen(fd, "wb") as out, source.open_blob(desc) as raw:
-            reader = HashingReader(raw, desc.digest, desc.size, f"bootstrap {desc.digest}")
+            reader = HashingReader(raw, desc.digest, desc.size, f"{what} {desc.digest}")
             try:
                 with zstandard.ZstdDecompressor().stream_reader(reader, closefd=False) as z:
                     while block := z.read(1 << 20):
@@ -85,12 +103,11 @@ def fetch_bootstrap(source: ImageSource, desc: Descriptor, diff_id: str) -> str:
                         out.write(block)
             except zstandard.ZstdError as e:
                 reader.verify()  # a digest mismatch is the better message, if there is one
-                raise FormatError(f"bootstrap {desc.digest} does not decompress: {e}") from None
+                raise FormatError(f"{what} {desc.digest} does not decompress: {e}") from None
             reader.verify()
         if "sha256:" + raw_hash.hexdigest() != diff_id:
-            raise DigestMismatchError(f"bootstrap {desc.digest}: uncompressed digest is not {diff_id}")
+            raise DigestMismatchError(f"{what} {desc.digest}: uncompressed digest is not {diff_id}")
         os.rename(tmp, path)
-        return path
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
