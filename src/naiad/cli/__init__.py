@@ -385,7 +385,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         f"({stats['chunks_fetched']} chunks, {stats['errors']} errors)",
         f"from cache     {stats['chunks_from_cache']} chunks",
         f"served         {_human(stats['bytes_served'])} to {stats['files_read']} files "
-        f"(read amplification {stats['read_amplification']})",
+        f"in {stats.get('reads', 0)} reads (read amplification {stats['read_amplification']})",
         f"fetch latency  p50 {stats['fetch_ms_p50']} ms, p99 {stats['fetch_ms_p99']} ms",
         f"prefetch       {_human(pf.get('done_bytes', 0))} of {_human(pf.get('total_bytes', 0))}"
         + (" (done)" if pf.get("finished") else ""),

@@ -77,11 +77,33 @@ class BlobFS(pyfuse3.Operations):
             f.chunk_ids.append(chunk_id)
         self._by_ino = {f.ino: f for f in self.files}
         self._by_name = {f.name: f for f in self.files}
+        self._by_blob = by_blob
+        for f in self.files:
+            self._mark_present(f, fetcher.cache.trusted_in_file(f.digest))
+        fetcher.on_cached = self._cached
         # For the stats and the trace: the chunk each read request starts in, in first-read order.
         # EROFS reads whole pages, so a read may also cover the start of the next chunk (another
         # file's); the chunk it starts in is the one it was for.
         self._started: dict[int, None] = {}
         self._files_read = (0, 0)  # (len(_started) when counted, files)
+
+    def _mark_present(self, f: _BlobFile, placed: list[tuple[bytes, int]]) -> None:
+        """Note the chunks of `f` whose verified bytes are in its cache file: (digest, uoffset)."""
+        if not placed:
+            return
+        digests = dict(self.bs.query("SELECT uoffset, digest FROM chunks WHERE blob = ?", (f.blob_id,)))
+        for digest, uoffset in placed:
+            if digests.get(uoffset) == digest:  # the bootstrap's chunk there, not just a chunk there
+                f.present[bisect.bisect_left(f.uoffsets, uoffset)] = digest
+
+    def _cached(self, chunks: list[Chunk]) -> None:
+        """The fetcher's news (a fetch thread): these chunks are now in their blob's cache file."""
+        for c in chunks:
+            f = self._by_blob.get(c.blob)
+            if f is not None:
+                i = bisect.bisect_left(f.uoffsets, c.uoffset)
+                if i < len(f.chunk_ids) and f.chunk_ids[i] == c.id:
+                    f.present[i] = c.digest
 
     def files_read(self) -> int:
         """How many files the reads so far were for (by the chunks they started in)."""

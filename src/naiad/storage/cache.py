@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import dataclasses
 import fcntl
 import hashlib
@@ -48,7 +47,7 @@ from naiad.paths import naiad_home
 ABSENT_TTL = 2.0  # seconds a "not cached" answer is reused without asking the index again
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the running libc; find_library would run ldconfig
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS chunks (
@@ -190,6 +189,18 @@ class ChunkCache:
         file it has opened, and eviction takes an exclusive one.
         """
         return self._verified.get(digest)
+
+    def trusted_in_file(self, blob: str) -> list[tuple[bytes, int]]:
+        """(digest, uoffset) of the chunks whose bytes sit in `blob`'s cache file with a row of this
+        boot: verified for this process from now on (module docstring), so that a mount can read
+        them in place from its first read."""
+        self._fd(blob)  # the flock first: rows read under it stay (eviction skips the file)
+        with self._lock:
+            rows = self._db.execute("SELECT digest, uoffset, usize FROM chunks WHERE blob = ? AND boot = ?",
+                                    (blob, self.boot)).fetchall()
+        for digest, uoffset, usize in rows:
+            self._verified.setdefault(digest, CacheEntry(blob, uoffset, usize))
+        return [(digest, uoffset) for digest, uoffset, _ in rows]
 
     def blob_fd(self, blob: str) -> int:
         """A descriptor of `blob`'s cache file, for reading verified chunks in place (see verified())."""

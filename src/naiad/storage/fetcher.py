@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from naiad.errors import NaiadError
@@ -40,6 +40,7 @@ class FetchStats:
     bytes_fetched: int = 0
     chunks_fetched: int = 0
     chunks_from_cache: int = 0
+    reads: int = 0  # read requests the filesystem answered
     bytes_served: int = 0
     errors: int = 0
     latencies: list[float] = dataclasses.field(default_factory=list)
@@ -53,7 +54,7 @@ class FetchStats:
         return {
             "requests": self.requests, "bytes_fetched": self.bytes_fetched,
             "chunks_fetched": self.chunks_fetched, "chunks_from_cache": self.chunks_from_cache,
-            "bytes_served": self.bytes_served, "errors": self.errors,
+            "reads": self.reads, "bytes_served": self.bytes_served, "errors": self.errors,
             "read_amplification": round(self.bytes_fetched / self.bytes_served, 3)
             if self.bytes_served else None,
             "fetch_ms_p50": pct(0.5), "fetch_ms_p99": pct(0.99),
@@ -72,6 +73,8 @@ class ChunkFetcher:
         self._lock = threading.Lock()
         self._inflight: dict[bytes, Future[bytes]] = {}
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="naiad-fetch")
+        # Told the chunks each fetch has just put in the cache (verified, in their blob's own file).
+        self.on_cached: Callable[[list[Chunk]], None] | None = None
 
     def read(self, chunks: list[Chunk], *, amplify: bool = True) -> list[bytes]:
         """Uncompressed bytes of each chunk, in order; FetchError if any cannot be had."""
@@ -107,6 +110,7 @@ class ChunkFetcher:
         """Count `nbytes` returned to a reader, `from_cache` chunks of them read from the cache
         without `read()`. Only the filesystem knows this: prefetch is not serving anyone."""
         with self._lock:
+            self.stats.reads += 1
             self.stats.bytes_served += nbytes
             self.stats.chunks_from_cache += from_cache
 
@@ -202,6 +206,9 @@ class ChunkFetcher:
             self.cache.put_many(blob.digest, [(c.digest, c.uoffset, chunk) for c, chunk in good])
         except Exception as e:
             log.warning("caching %d chunks of %s failed: %s", len(good), blob.digest, e)
+        else:
+            if self.on_cached is not None:
+                self.on_cached([c for c, _ in good])
         with self._lock:
             self.stats.chunks_fetched += len(good)
             for c, _ in good:
