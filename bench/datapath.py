@@ -90,7 +90,8 @@ def one(ref: str, mnt: Path, env: dict[str, str], mode: str, amplify: str | None
     return {"total_s": round(t_ready - t0, 2), "run_s": round(t_ready - t1, 2), "cpu_s": round(cpu, 2),
             "requests": stats["requests"], "chunks_fetched": stats["chunks_fetched"],
             "fetched_mb": round(stats["bytes_fetched"] / 1e6, 1),
-            "served_mb": round(stats["bytes_served"] / 1e6, 1), "reads": stats.get("reads")}
+            "served_mb": round(stats["bytes_served"] / 1e6, 1), "reads": stats.get("reads"),
+            "amplify_k": (stats.get("amplify") or 0) >> 10, "link": stats.get("link")}
 
 
 def main() -> None:

@@ -351,7 +351,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
         options = MountOptions(platform=Platform.parse(args.platform), prefetch_all=args.prefetch_all,
                                prefetch_rate=_size(args.prefetch_rate) if args.prefetch_rate else 0,
-                               amplify=_size(args.amplify), mode=args.mode)
+                               amplify=None if args.amplify == "auto" else _size(args.amplify),
+                               mode=args.mode)
         try:
             serve(ref, args.mountpoint, _registry_options(args), options, args.notify_fd)
         except NaiadError as e:
@@ -387,6 +388,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
         f"served         {_human(stats['bytes_served'])} to {stats['files_read']} files "
         f"in {stats.get('reads', 0)} reads (read amplification {stats['read_amplification']})",
         f"fetch latency  p50 {stats['fetch_ms_p50']} ms, p99 {stats['fetch_ms_p99']} ms",
+        f"read-ahead     {_human(stats.get('amplify', 0))} per miss" + (
+            f" (link: {link['latency_ms']} ms + {link['throughput_mb_s']} MB/s)"
+            if (link := stats.get("link")) else ""),
         f"prefetch       {_human(pf.get('done_bytes', 0))} of {_human(pf.get('total_bytes', 0))}"
         + (" (done)" if pf.get("finished") else ""),
     ]
@@ -601,8 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after the image's prefetch list, fetch every chunk in the background")
     p.add_argument("--prefetch-rate", metavar="SIZE",
                    help="bandwidth cap of background prefetch per second, e.g. 50M (default: none)")
-    p.add_argument("--amplify", default="1M", metavar="SIZE",
-                   help="fetch up to this many bytes of neighbouring chunks with a read (default: 1M)")
+    p.add_argument("--amplify", default="auto", metavar="SIZE",
+                   help="fetch up to this many bytes of neighbouring chunks with a read; auto (default): "
+                   "4 x the backend's latency x its throughput, 128K to 4M, as measured while mounted")
     p.add_argument("--mode", choices=("auto", "kernel", "fuse"), default="auto",
                    help="kernel: the kernel serves the tree (EROFS metadata image over one FUSE file per "
                    "blob; needs root); fuse: naiad serves it all (records the access trace); auto "

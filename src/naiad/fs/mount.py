@@ -47,7 +47,7 @@ from naiad.fs.lazyfs import LazyFS
 from naiad.oci.image import Platform, RegistryOptions, source_for
 from naiad.oci.reference import Reference
 from naiad.storage.cache import ChunkCache
-from naiad.storage.fetcher import DEFAULT_AMPLIFY, ChunkFetcher
+from naiad.storage.fetcher import ChunkFetcher
 from naiad.storage.image import NaiadImage
 from naiad.storage.p2p import via_peer
 
@@ -62,7 +62,7 @@ class MountOptions:
     platform: Platform = dataclasses.field(default_factory=Platform)
     prefetch_all: bool = False
     prefetch_rate: int = 0  # bytes per second; 0 = unlimited
-    amplify: int = DEFAULT_AMPLIFY
+    amplify: int | None = None  # bytes; None: from the link (storage/link.py)
     allow_other: bool = True
     mode: str = "auto"  # one of MODES
 
@@ -249,8 +249,13 @@ class _Mount:
         self.kernel_mounted = False
 
     def stats(self, prefetcher: Prefetcher) -> dict:
+        fetcher = self.fetcher
+        fit = fetcher.link.fit()
         return {
-            **self.fetcher.stats.snapshot(),
+            **fetcher.stats.snapshot(),
+            "amplify": fetcher.link.amplify() if fetcher.amplify is None else fetcher.amplify,
+            "link": None if fit is None else {"latency_ms": round(fit[0] * 1000, 2),
+                                              "throughput_mb_s": round(fit[1] / 1e6, 1)},
             "mode": self.mode,
             "files_read": len(self.fs.files_read) if isinstance(self.fs, LazyFS) else self.fs.files_read(),
             "prefetch": {"done_bytes": prefetcher.done_bytes, "total_bytes": prefetcher.total_bytes,

@@ -3,7 +3,9 @@
 `ChunkFetcher.read(chunks)` returns the uncompressed bytes of each chunk.
 Cache misses are grouped into as few range requests as possible: chunks
 adjacent in one blob become one request, and a small read may pull in the
-chunks stored after it (read amplification, `amplify` bytes). Concurrent
+chunks stored after it (read amplification: `amplify` bytes, or, by
+default, as many as the link's latency and throughput make worth it, see
+storage/link.py). Concurrent
 readers of the same chunk share one fetch. Every fetched chunk is decoded
 and checked against its sha256 before it is cached or returned; a chunk
 that fails is neither, and the next read tries again.
@@ -23,11 +25,10 @@ from naiad.errors import NaiadError
 from naiad.format.bootstrap import Blob, Bootstrap, Chunk
 from naiad.format.chunk import decode_chunk
 from naiad.storage.cache import ChunkCache
+from naiad.storage.link import LinkEstimate
 from naiad.storage.ranges import RangeReader, contiguous_runs
 
 log = logging.getLogger(__name__)
-
-DEFAULT_AMPLIFY = 1 << 20
 
 
 class FetchError(NaiadError):
@@ -63,11 +64,12 @@ class FetchStats:
 
 class ChunkFetcher:
     def __init__(self, bootstrap: Bootstrap, backend: RangeReader, cache: ChunkCache, *,
-                 amplify: int = DEFAULT_AMPLIFY, workers: int = 8):
+                 amplify: int | None = None, workers: int = 8):
         self.bootstrap = bootstrap
         self.backend = backend
         self.cache = cache
-        self.amplify = amplify
+        self.amplify = amplify  # None: LinkEstimate's
+        self.link = LinkEstimate()
         self.blobs: dict[int, Blob] = {b.id: b for b in bootstrap.blobs()}
         self.stats = FetchStats()
         self._lock = threading.Lock()
@@ -143,14 +145,15 @@ class ChunkFetcher:
 
     def _amplified(self, blob_id: int, items: list[Chunk]) -> list[Chunk]:
         """Add the chunks stored right after the asked ones, up to `amplify` bytes, if not cached."""
-        if self.amplify <= 0:
+        amplify = self.link.amplify() if self.amplify is None else self.amplify
+        if amplify <= 0:
             return items
         extra: dict[bytes, Chunk] = {}
         offsets = [c.offset for c in items]
         for i, c in enumerate(items):
             if i + 1 < len(items) and items[i + 1].offset == c.offset + c.csize:
                 continue  # the asked chunk after it reads ahead for both
-            budget = self.amplify - c.csize
+            budget = amplify - c.csize
             for n in self.bootstrap.blob_chunks_after(blob_id, c.offset + c.csize, 64):
                 if budget < n.csize:
                     break
@@ -179,10 +182,12 @@ class ChunkFetcher:
         except Exception as e:
             self._fail(run, e)
             return
+        elapsed = time.monotonic() - t0
+        self.link.record(size, elapsed)
         with self._lock:
             self.stats.requests += 1
             self.stats.bytes_fetched += size
-            self.stats.latencies.append(time.monotonic() - t0)
+            self.stats.latencies.append(elapsed)
             if len(self.stats.latencies) > 10000:
                 del self.stats.latencies[:5000]
         good: list[tuple[Chunk, bytes]] = []
