@@ -72,7 +72,7 @@ class Prefetcher:
 
     def __init__(self, bs: Bootstrap, fetcher: ChunkFetcher, options: MountOptions):
         self.bs, self.fetcher, self.options = bs, fetcher, options
-        self.limiter = trio.CapacityLimiter(2)
+        self.slots = trio.Semaphore(2)
         self.done_bytes = 0
         self.total_bytes = 0
         self.finished = False
@@ -99,18 +99,29 @@ class Prefetcher:
     async def run(self) -> None:
         batches = self._plan()
         start = time.monotonic()
-        for batch in batches:
-            try:
-                await trio.to_thread.run_sync(self.fetcher.prefetch, batch, limiter=self.limiter)
-            except NaiadError as e:
-                log.warning("prefetch: %s", e)  # on-demand reads will retry these chunks
-            self.done_bytes += sum(c.usize for c in batch)
-            rate = self.options.prefetch_rate
-            if rate > 0:
-                ahead = self.done_bytes / rate - (time.monotonic() - start)
-                if ahead > 0:
-                    await trio.sleep(ahead)
+        rate = self.options.prefetch_rate
+        started = 0
+        # Two batches at a time, in list order: one downloads while the other is decoded, so the
+        # link is not idle between batches (the list is the order the app reads in).
+        async with trio.open_nursery() as nursery:
+            for batch in batches:
+                if rate > 0:
+                    ahead = started / rate - (time.monotonic() - start)
+                    if ahead > 0:
+                        await trio.sleep(ahead)
+                await self.slots.acquire()
+                nursery.start_soon(self._one, batch)
+                started += sum(c.usize for c in batch)
         self.finished = True
+
+    async def _one(self, batch: list[Chunk]) -> None:
+        try:
+            await trio.to_thread.run_sync(self.fetcher.prefetch, batch)
+        except NaiadError as e:
+            log.warning("prefetch: %s", e)  # on-demand reads will retry these chunks
+        finally:
+            self.slots.release()
+        self.done_bytes += sum(c.usize for c in batch)
 
 
 def serve(ref: Reference, mountpoint: str, registry: RegistryOptions, options: MountOptions,

@@ -70,6 +70,7 @@ class ChunkFetcher:
         self.cache = cache
         self.amplify = amplify  # None: LinkEstimate's
         self.link = LinkEstimate()
+        self._active = self._started = 0  # range requests running, and started so far
         self.blobs: dict[int, Blob] = {b.id: b for b in bootstrap.blobs()}
         self.stats = FetchStats()
         self._lock = threading.Lock()
@@ -174,6 +175,10 @@ class ChunkFetcher:
     def _fetch_group(self, blob: Blob, run: list[Chunk]) -> None:
         start = run[0].offset
         size = run[-1].offset + run[-1].csize - start
+        with self._lock:
+            self._active += 1
+            self._started += 1
+            began = (self._active, self._started)
         t0 = time.monotonic()
         try:
             data = self.backend.read_range(blob.digest, start, size)
@@ -182,8 +187,15 @@ class ChunkFetcher:
         except Exception as e:
             self._fail(run, e)
             return
+        finally:
+            with self._lock:
+                # Alone on the link from start to end: nothing else ran when it started, and
+                # nothing started since. Requests that share the link would blur the fit.
+                alone = began == (1, self._started)
+                self._active -= 1
         elapsed = time.monotonic() - t0
-        self.link.record(size, elapsed)
+        if alone:
+            self.link.record(size, elapsed)
         with self._lock:
             self.stats.requests += 1
             self.stats.bytes_fetched += size
