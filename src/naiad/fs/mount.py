@@ -54,6 +54,7 @@ from naiad.storage.p2p import via_peer
 log = logging.getLogger(__name__)
 
 PREFETCH_BATCH = 4 << 20
+PREFETCH_SLOTS = 2  # batches of the prefetch list in flight at once
 MODES = ("auto", "kernel", "fuse")
 
 
@@ -72,56 +73,67 @@ class Prefetcher:
 
     def __init__(self, bs: Bootstrap, fetcher: ChunkFetcher, options: MountOptions):
         self.bs, self.fetcher, self.options = bs, fetcher, options
-        self.slots = trio.Semaphore(2)
+        self.slots = trio.Semaphore(PREFETCH_SLOTS)
         self.done_bytes = 0
         self.total_bytes = 0
         self.finished = False
 
-    def _plan(self) -> list[list[Chunk]]:
-        ordered = self.bs.prefetch_chunks()
-        seen = {c.digest for c in ordered}
+    def _plan(self) -> list[tuple[list[Chunk], int]]:
+        """Batches to fetch in order, each with the slots it takes: two of the list's may be in
+        flight at once (the app is about to read them), one of the rest (it may never)."""
+        listed = self.bs.prefetch_chunks()
+        seen = {c.digest for c in listed}
+        rest: list[Chunk] = []
         if self.options.prefetch_all:
             for c in self.bs.chunks():
                 if c.digest not in seen:
                     seen.add(c.digest)
-                    ordered.append(c)
-        batches: list[list[Chunk]] = []
-        size = 0
-        for c in ordered:
-            if not batches or size + c.csize > PREFETCH_BATCH:
-                batches.append([])
-                size = 0
-            batches[-1].append(c)
-            size += c.csize
-        self.total_bytes = sum(c.usize for c in ordered)
-        return batches
+                    rest.append(c)
+        self.total_bytes = sum(c.usize for c in (*listed, *rest))
+        return [(b, 1) for b in _batches(listed)] + [(b, PREFETCH_SLOTS) for b in _batches(rest)]
 
     async def run(self) -> None:
         batches = self._plan()
         start = time.monotonic()
         rate = self.options.prefetch_rate
         started = 0
-        # Two batches at a time, in list order: one downloads while the other is decoded, so the
-        # link is not idle between batches (the list is the order the app reads in).
+        # The list's batches two at a time, in order: one downloads while the other is decoded, so
+        # the link is not idle between them (the list is the order the app reads in). The rest
+        # (--prefetch-all) one at a time: on-demand reads must not wait behind a crowd.
         async with trio.open_nursery() as nursery:
-            for batch in batches:
+            for batch, slots in batches:
                 if rate > 0:
                     ahead = started / rate - (time.monotonic() - start)
                     if ahead > 0:
                         await trio.sleep(ahead)
-                await self.slots.acquire()
-                nursery.start_soon(self._one, batch)
+                for _ in range(slots):
+                    await self.slots.acquire()
+                nursery.start_soon(self._one, batch, slots)
                 started += sum(c.usize for c in batch)
         self.finished = True
 
-    async def _one(self, batch: list[Chunk]) -> None:
+    async def _one(self, batch: list[Chunk], slots: int) -> None:
         try:
             await trio.to_thread.run_sync(self.fetcher.prefetch, batch)
         except NaiadError as e:
             log.warning("prefetch: %s", e)  # on-demand reads will retry these chunks
         finally:
-            self.slots.release()
+            for _ in range(slots):
+                self.slots.release()
         self.done_bytes += sum(c.usize for c in batch)
+
+
+def _batches(chunks: list[Chunk]) -> list[list[Chunk]]:
+    """`chunks` in order, cut into runs of at most PREFETCH_BATCH stored bytes."""
+    batches: list[list[Chunk]] = []
+    size = 0
+    for c in chunks:
+        if not batches or size + c.csize > PREFETCH_BATCH:
+            batches.append([])
+            size = 0
+        batches[-1].append(c)
+        size += c.csize
+    return batches
 
 
 def serve(ref: Reference, mountpoint: str, registry: RegistryOptions, options: MountOptions,
