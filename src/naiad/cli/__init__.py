@@ -607,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bandwidth cap of background prefetch per second, e.g. 50M (default: none)")
     p.add_argument("--amplify", default="auto", metavar="SIZE",
                    help="fetch up to this many bytes of neighbouring chunks with a read; auto (default): "
-                   "4 x the backend's latency x its throughput, 128K to 4M, as measured while mounted")
+                   "4 x the backend's latency x its throughput, 128K to 2M, as measured while mounted")
     p.add_argument("--mode", choices=("auto", "kernel", "fuse"), default="auto",
                    help="kernel: the kernel serves the tree (EROFS metadata image over one FUSE file per "
                    "blob; needs root); fuse: naiad serves it all (records the access trace); auto "

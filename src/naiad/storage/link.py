@@ -6,9 +6,11 @@ throughput `B`. Reading `a` more bytes with a miss costs `a / B` now and
 saves the later misses those bytes hold, so the right `a` grows with the
 bandwidth-delay product `L * B`. On torchapp (bench/datapath.py, cold
 cache, 2 runs each, same session): against a local registry (L ≈ 6 ms,
-0.4-0.9 GB/s) this picks 4 MiB and the app is ready in 7.3-8.1 s against
-8.3 s with a fixed 1 MiB; behind a 100 Mbit/s link it picks 128 KiB, and
-the app is ready in 13.5 s after 85 MB against 15.5-15.9 s after 110 MB.
+0.4-0.9 GB/s) it asks for more than the 2 MiB cap, and the app is ready
+in 7.3-8.1 s against 8.3 s with a fixed 1 MiB (4 MiB was no faster than
+2 MiB there, 6.4-7.2 s against 6.6-6.8 s, and read 9% more); behind a
+100 Mbit/s link it picks 128 KiB, and the app is ready in 13.5 s after
+85 MB against 15.5-15.9 s after 110 MB.
 
 `LinkEstimate` fits `seconds = L + bytes / B` over the last requests (least
 squares; their sizes differ enough, since read-ahead stops at cached
@@ -25,7 +27,7 @@ import threading
 
 DEFAULT_AMPLIFY = 1 << 20
 MIN_AMPLIFY = 128 << 10
-MAX_AMPLIFY = 4 << 20
+MAX_AMPLIFY = 2 << 20
 FACTOR = 4
 WINDOW = 64  # requests the fit looks at
 MIN_SAMPLES = 8
