@@ -1,6 +1,7 @@
 """The mount daemon's data path, in isolation: time to ready and daemon CPU, cold and warm chunk cache.
 
-    .venv/bin/python bench/datapath.py REF --mode kernel --reps 3 [--label before] [--amplify 1M] [--src DIR]
+    .venv/bin/python bench/datapath.py REF --mode kernel --reps 3 [--label before] [--amplify 1M]
+        [--read-ahead 128K] [--src DIR]
 
 REF is a naiad image of torchapp on a local registry (plain HTTP). Every repetition:
 
@@ -45,10 +46,13 @@ def daemon_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def mount(ref: str, mnt: Path, env: dict[str, str], mode: str, amplify: str | None) -> int:
+def mount(ref: str, mnt: Path, env: dict[str, str], mode: str, amplify: str | None,
+          read_ahead: str | None = None) -> int:
     argv = [*NAIAD, "mount", "--plain-http", "--mode", mode, ref, str(mnt)]
     if amplify:
         argv += ["--amplify", amplify]
+    if read_ahead:
+        argv += ["--read-ahead", read_ahead]
     subprocess.run(argv, env=env, check=True)
     state = json.loads(Path(env["NAIAD_HOME"], "mounts").glob("*/state.json").__next__().read_text())
     return int(state["pid"])
@@ -78,10 +82,11 @@ def run_app(mnt: Path, timeout: float = 120.0) -> float:
         proc.wait()
 
 
-def one(ref: str, mnt: Path, env: dict[str, str], mode: str, amplify: str | None) -> dict:
+def one(ref: str, mnt: Path, env: dict[str, str], mode: str, amplify: str | None,
+        read_ahead: str | None) -> dict:
     drop_caches()
     t0 = time.monotonic()
-    pid = mount(ref, mnt, env, mode, amplify)
+    pid = mount(ref, mnt, env, mode, amplify, read_ahead)
     t1 = time.monotonic()
     t_ready = run_app(mnt)
     cpu = daemon_cpu(pid)
@@ -101,6 +106,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--label", default="")
     ap.add_argument("--amplify")
+    ap.add_argument("--read-ahead")
     ap.add_argument("--work", type=Path, default=Path("/tmp/naiad-datapath"))
     ap.add_argument("--src", help="import naiad from this src dir (a snapshot of another commit)")
     args = ap.parse_args()
@@ -120,7 +126,7 @@ def main() -> None:
         shutil.copytree(seed / "bootstraps", home / "bootstraps")
         env = {**os.environ, "NAIAD_HOME": str(home)}
         for kind in ("cold", "warm"):
-            r = one(args.ref, mnt, env, args.mode, args.amplify)
+            r = one(args.ref, mnt, env, args.mode, args.amplify, args.read_ahead)
             results[kind].append(r)
             print(f"{args.label} {args.mode} rep {rep} {kind}: {r}", flush=True)
     summary = {kind: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for kind, rs in results.items()}

@@ -51,7 +51,7 @@ from treecmp import compare_trees
 
 from naiad.format.bootstrap import Bootstrap, BootstrapWriter
 from naiad.format.erofs import erofs_image, write_erofs
-from naiad.fs.kernel import erofs_available, mount_erofs, umount
+from naiad.fs.kernel import erofs_available, mount_erofs, read_ahead_file, umount
 
 # The mount tests' module fixtures: the corpus images and umoci's unpack of each.
 corpus = test_mount.corpus
@@ -170,6 +170,17 @@ def test_a_tampered_view_is_not_mounted_the_node_makes_its_own(registry: Registr
         node.umount(mnt)
     finally:
         blob.write_bytes(original)
+
+
+def test_kernel_mount_sets_the_read_ahead(small_image, node: Node) -> None:
+    ref, files = small_image
+    mnt = kernel_mount(node, ref)
+    assert Path(read_ahead_file(str(mnt))).read_text().strip() == "512"  # the default, not the kernel's 128
+    node.umount(mnt)
+    mnt = node.mount(ref, "--mode", "kernel", "--read-ahead", "2M", name="mnt2")
+    assert Path(read_ahead_file(str(mnt))).read_text().strip() == "2048"
+    assert (mnt / "bin/tool").read_bytes() == files["bin/tool"]
+    node.umount(mnt)
 
 
 def daemon_log(node: Node, mnt: Path) -> str:

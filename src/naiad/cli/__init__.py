@@ -352,7 +352,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         options = MountOptions(platform=Platform.parse(args.platform), prefetch_all=args.prefetch_all,
                                prefetch_rate=_size(args.prefetch_rate) if args.prefetch_rate else 0,
                                amplify=None if args.amplify == "auto" else _size(args.amplify),
-                               mode=args.mode)
+                               mode=args.mode, read_ahead=_size(args.read_ahead))
         try:
             serve(ref, args.mountpoint, _registry_options(args), options, args.notify_fd)
         except NaiadError as e:
@@ -608,6 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amplify", default="auto", metavar="SIZE",
                    help="fetch up to this many bytes of neighbouring chunks with a read; auto (default): "
                    "4 x the backend's latency x its throughput, 128K to 2M, as measured while mounted")
+    p.add_argument("--read-ahead", default="512K", metavar="SIZE",
+                   help="kernel mode: how far the kernel reads ahead in the image's files (default: 512K; "
+                   "the kernel's own default, 128K, makes sequential reads of large files slower)")
     p.add_argument("--mode", choices=("auto", "kernel", "fuse"), default="auto",
                    help="kernel: the kernel serves the tree (EROFS metadata image over one FUSE file per "
                    "blob; needs root); fuse: naiad serves it all (records the access trace); auto "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 
 from naiad.errors import NaiadError
@@ -72,6 +73,40 @@ def mount_erofs(image: str, devices: list[str], target: str) -> None:
         raise NaiadError(f"cannot mount EROFS image {image} at {target}: {said}") from None
     finally:
         os.close(fs)
+
+
+_FS_IOC_GETFSSYSFSPATH = 0x80811501  # _IOR(0x15, 1, struct fs_sysfs_path), Linux 6.8+
+
+
+def read_ahead_file(mountpoint: str) -> str:
+    """The sysfs file holding the read-ahead (KiB) of the filesystem mounted at `mountpoint`.
+
+    EROFS from a file has a bdi of its own, named like its sysfs directory (`erofs-28`).
+    """
+    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        buf = bytearray(129)  # struct fs_sysfs_path: __u8 len; __u8 name[128]
+        fcntl.ioctl(fd, _FS_IOC_GETFSSYSFSPATH, buf)
+    except OSError as e:
+        raise NaiadError(f"cannot find the read-ahead setting of {mountpoint}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    name = bytes(buf[1:1 + buf[0]]).decode().rsplit("/", 1)[-1]  # "erofs/erofs-28" -> "erofs-28"
+    return f"/sys/class/bdi/{name}/read_ahead_kb"
+
+
+def set_read_ahead(mountpoint: str, kib: int) -> None:
+    """Set how far the kernel reads ahead in the files of the filesystem at `mountpoint`.
+
+    Its default, 128 KiB, cuts a sequential read of a large file (model weights) into many small
+    reads of the blob files, each a FUSE round trip through Python.
+    """
+    path = read_ahead_file(mountpoint)
+    try:
+        with open(path, "w") as f:
+            f.write(f"{kib}\n")
+    except OSError as e:
+        raise NaiadError(f"cannot set the read-ahead of {mountpoint}: {e.strerror}") from None
 
 
 def _kernel_messages(fs: int) -> list[str]:

@@ -54,6 +54,12 @@ from naiad.storage.p2p import via_peer
 log = logging.getLogger(__name__)
 
 PREFETCH_BATCH = 4 << 20
+# The kernel's 128 KiB cuts a sequential read of a large file (model weights) into 128 KiB blob
+# reads, each a FUSE round trip through Python. Measured on torchapp's 434 MB libtorch_cpu.so, all
+# cached, page cache dropped: 0.38 s at 128 KiB, 0.28-0.38 s at 512 KiB, 0.28-0.30 s at 1 MiB; the
+# app's start, cold cache: 5.4-5.5 s, 5.3-5.4 s, 5.5-5.7 s (1 MiB reads around every page fault of
+# the mmapped libraries: 44% more bytes); warm cache: 3.1-3.3 s, 2.8-2.9 s, 2.9-3.1 s.
+DEFAULT_READ_AHEAD = 512 << 10
 PREFETCH_SLOTS = 2  # batches of the prefetch list in flight at once
 MODES = ("auto", "kernel", "fuse")
 
@@ -66,6 +72,7 @@ class MountOptions:
     amplify: int | None = None  # bytes; None: from the link (storage/link.py)
     allow_other: bool = True
     mode: str = "auto"  # one of MODES
+    read_ahead: int = DEFAULT_READ_AHEAD  # bytes the kernel reads ahead in the mounted files (kernel mode)
 
 
 class Prefetcher:
@@ -161,7 +168,7 @@ def serve(ref: Reference, mountpoint: str, registry: RegistryOptions, options: M
         cache = ChunkCache()
         fetcher = ChunkFetcher(img.bootstrap, source, cache, amplify=options.amplify)
         image = _kernel_image(img, state, options.mode)
-        mount = _Mount(mountpoint, state, fetcher, image)
+        mount = _Mount(mountpoint, state, fetcher, image, options.read_ahead)
         if image is None:
             mount.fs = LazyFS(img.bootstrap, fetcher)
             fuse_at, fuse_options = mountpoint, {"fsname=naiad"}
@@ -232,8 +239,10 @@ def _probe(image: str, devices: int, state: str) -> str | None:
 class _Mount:
     """What one daemon serves: the FUSE filesystem, and in kernel mode the EROFS mount over it."""
 
-    def __init__(self, mountpoint: str, state: str, fetcher: ChunkFetcher, image: str | None):
+    def __init__(self, mountpoint: str, state: str, fetcher: ChunkFetcher, image: str | None,
+                 read_ahead: int = DEFAULT_READ_AHEAD):
         self.mountpoint, self.state, self.fetcher, self.image = mountpoint, state, fetcher, image
+        self.read_ahead = read_ahead
         self.mode = "fuse" if image is None else "kernel"
         self.fs: LazyFS | BlobFS | None = None
         self.error: NaiadError | None = None
@@ -257,6 +266,10 @@ class _Mount:
             devices = self.fs.paths(self.blob_dir)
             await trio.to_thread.run_sync(kernel.mount_erofs, self.image, devices, self.mountpoint)
             self.kernel_mounted = True
+            try:
+                kernel.set_read_ahead(self.mountpoint, self.read_ahead >> 10)
+            except NaiadError as e:
+                log.warning("keeping the kernel's read-ahead: %s", e)
         # Both files exist before "ready": `naiad stats` right after `naiad mount` must work.
         write_json(os.path.join(self.state, "stats.json"), self.stats(prefetcher))
         write_json(os.path.join(self.state, "state.json"), info)
