@@ -107,3 +107,16 @@ def test_a_file_shorter_than_its_rows_is_not_served(tmp_path: Path) -> None:
     assert reader.read_part(digest, 0, 8192) is None
     assert reader.lookup(digest) is None
     reader.close()
+
+
+def test_asking_for_trusted_chunks_of_an_uncached_blob_makes_no_file(tmp_path: Path) -> None:
+    digest, data = chunk(b"some")
+    cache = ChunkCache(str(tmp_path), boot="boot-a")
+    assert cache.trusted_in_file(BLOB) == []
+    assert list((tmp_path / "blobs").iterdir()) == []  # an empty file no row names: never evicted
+    cache.put(digest, BLOB, 4096, data)
+    cache.close()
+    again = ChunkCache(str(tmp_path), boot="boot-a")
+    assert again.trusted_in_file(BLOB) == [(digest, 4096)]
+    assert again.verified(digest) is not None
+    again.close()

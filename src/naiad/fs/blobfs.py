@@ -256,8 +256,8 @@ class BlobFS(pyfuse3.Operations):
                 lo, hi = max(off, c.uoffset), min(end, c.uoffset + c.usize)
                 out[lo - off:hi - off] = data[lo - c.uoffset:hi - c.uoffset]
         self.fetcher.served(len(out), from_cache)
-        # Chunks now verified in this blob's own cache file take the fast path from now on (one
-        # that another read's fetch is still writing to the cache does so from a later read).
+        # Chunks found in this blob's own cache file take the fast path from now on (fetched ones
+        # were marked by _cached already; one that another read is still fetching, once it lands).
         for i, c in chunks:
             where = cache.verified(c.digest)
             if where is not None and where.blob == f.digest and where.uoffset == c.uoffset:

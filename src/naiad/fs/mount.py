@@ -208,7 +208,7 @@ def _kernel_image(img: NaiadImage, state: str, mode: str) -> str | None:
     if why_not is None:
         try:
             img.fetch_erofs()
-        except NaiadError as e:
+        except (NaiadError, OSError) as e:  # e.g. a full disk: the view is optional
             log.warning("generating the EROFS view here: the image's own cannot be had: %s", e)
         try:
             image = erofs_image(img.bootstrap)
@@ -240,7 +240,7 @@ class _Mount:
     """What one daemon serves: the FUSE filesystem, and in kernel mode the EROFS mount over it."""
 
     def __init__(self, mountpoint: str, state: str, fetcher: ChunkFetcher, image: str | None,
-                 read_ahead: int = DEFAULT_READ_AHEAD):
+                 read_ahead: int):
         self.mountpoint, self.state, self.fetcher, self.image = mountpoint, state, fetcher, image
         self.read_ahead = read_ahead
         self.mode = "fuse" if image is None else "kernel"

@@ -194,13 +194,20 @@ class ChunkCache:
         """(digest, uoffset) of the chunks whose bytes sit in `blob`'s cache file with a row of this
         boot: verified for this process from now on (module docstring), so that a mount can read
         them in place from its first read."""
-        self._fd(blob)  # the flock first: rows read under it stay (eviction skips the file)
-        with self._lock:
-            rows = self._db.execute("SELECT digest, uoffset, usize FROM chunks WHERE blob = ? AND boot = ?",
-                                    (blob, self.boot)).fetchall()
+        rows = self._trusted_rows(blob)
+        if rows and blob not in self._fds:
+            # As in _held(): only rows read under the file's flock stay (eviction skips the file).
+            # A blob without rows gets no file: an empty one would never be evicted.
+            self._fd(blob)
+            rows = self._trusted_rows(blob)
         for digest, uoffset, usize in rows:
             self._verified.setdefault(digest, CacheEntry(blob, uoffset, usize))
         return [(digest, uoffset) for digest, uoffset, _ in rows]
+
+    def _trusted_rows(self, blob: str) -> list[tuple[bytes, int, int]]:
+        with self._lock:
+            return self._db.execute("SELECT digest, uoffset, usize FROM chunks WHERE blob = ? AND boot = ?",
+                                    (blob, self.boot)).fetchall()
 
     def blob_fd(self, blob: str) -> int:
         """A descriptor of `blob`'s cache file, for reading verified chunks in place (see verified())."""
