@@ -129,7 +129,8 @@ def main() -> None:
             r = one(args.ref, mnt, env, args.mode, args.amplify, args.read_ahead)
             results[kind].append(r)
             print(f"{args.label} {args.mode} rep {rep} {kind}: {r}", flush=True)
-    summary = {kind: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for kind, rs in results.items()}
+    summary = {kind: {k: statistics.median(r[k] for r in rs) for k in rs[0]
+                      if isinstance(rs[0][k], (int, float))} for kind, rs in results.items()}
     print(json.dumps({"label": args.label, "mode": args.mode, "amplify": args.amplify, **summary}))
 
 

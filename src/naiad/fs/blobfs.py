@@ -1,4 +1,4 @@
-"""blobfs: one read-only FUSE file per data blob, for the kernel fast path.
+"""blobfs: one read-only FUSE file per data blob, for the kernel fast path (served by fusewire).
 
 In kernel mode the kernel itself serves the image tree from an EROFS
 metadata image (naiad.format.erofs) whose files are chunk-indexed into
@@ -17,8 +17,9 @@ Per blob only two integer arrays are kept (chunk offsets and ids, 16 bytes
 a chunk); a read asks the bootstrap for the few chunk rows it needs. Once a
 chunk has been read and checked, its file also remembers that it sits in the
 blob's own cache file, whose layout is this file's: a read whose chunks all
-do is one pread of that file, without the bootstrap, the cache index or a
-thread (`_read_present`).
+do is one pread of that file, without the bootstrap or the cache index
+(`_read_present`). Reads run on fusewire's threads and block there, for the
+disk or for a fetch.
 """
 
 from __future__ import annotations
@@ -28,20 +29,15 @@ import errno
 import json
 import logging
 import os
-import stat
 from array import array
-
-import pyfuse3
-import trio
 
 from naiad.errors import NaiadError
 from naiad.format.bootstrap import ROOT_INO, Bootstrap, Chunk
-from naiad.format.erofs import BLOCK, blob_extents
+from naiad.format.erofs import blob_extents
+from naiad.fs.fusewire import FlatFile
 from naiad.storage.fetcher import ChunkFetcher
 
 log = logging.getLogger(__name__)
-
-CACHE_TIMEOUT = 86400.0 * 365  # the blob files never change
 
 
 class _BlobFile:
@@ -56,14 +52,12 @@ class _BlobFile:
         self.present: dict[int, bytes] = {}
 
 
-class BlobFS(pyfuse3.Operations):
+class BlobFS:
     """Files `1`..`N` at the root: the blobs in device order (EROFS device N is file N)."""
 
-    def __init__(self, bootstrap: Bootstrap, fetcher: ChunkFetcher, *, fetch_threads: int = 32):
-        super().__init__()
+    def __init__(self, bootstrap: Bootstrap, fetcher: ChunkFetcher):
         self.bs = bootstrap
         self.fetcher = fetcher
-        self._fetch_limiter = trio.CapacityLimiter(fetch_threads)
         ids = {b.digest: b.id for b in bootstrap.blobs()}
         self.files: list[_BlobFile] = [
             _BlobFile(ROOT_INO + 1 + i, str(i + 1).encode(), digest, ids[digest], size)
@@ -76,7 +70,6 @@ class BlobFS(pyfuse3.Operations):
             f.uoffsets.append(uoffset)
             f.chunk_ids.append(chunk_id)
         self._by_ino = {f.ino: f for f in self.files}
-        self._by_name = {f.name: f for f in self.files}
         self._by_blob = by_blob
         for f in self.files:
             self._mark_present(f, fetcher.cache.trusted_in_file(f.digest))
@@ -133,71 +126,24 @@ class BlobFS(pyfuse3.Operations):
         """The blob files' paths under mount point `root`, in device order."""
         return [os.path.join(root, f.name.decode()) for f in self.files]
 
-    # --- metadata ------------------------------------------------------
+    def flat_files(self) -> list[FlatFile]:
+        """The files to serve (naiad.fs.fusewire)."""
+        return [FlatFile(f.ino, f.name, f.size) for f in self.files]
 
-    def _entry(self, ino: int) -> pyfuse3.EntryAttributes:
-        e = pyfuse3.EntryAttributes()
-        e.st_ino = ino
-        e.entry_timeout = e.attr_timeout = CACHE_TIMEOUT
-        if ino == ROOT_INO:
-            e.st_mode, e.st_nlink = stat.S_IFDIR | 0o500, 2
-        else:
-            e.st_mode, e.st_nlink = stat.S_IFREG | 0o400, 1
-            e.st_size = self._by_ino[ino].size
-            e.st_blocks = -(-e.st_size // 512)
-        e.st_blksize = BLOCK
-        return e
+    # --- data (on the server's threads) ----------------------------------
 
-    async def lookup(self, parent_inode: int, name: bytes, ctx=None) -> pyfuse3.EntryAttributes:
-        f = self._by_name.get(name)
-        if parent_inode != ROOT_INO or f is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._entry(f.ino)
-
-    async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
-        if inode != ROOT_INO and inode not in self._by_ino:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._entry(inode)
-
-    async def opendir(self, inode: int, ctx) -> int:
-        if inode != ROOT_INO:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode
-
-    async def readdir(self, fh: int, start_id: int, token) -> None:
-        for i in range(start_id, len(self.files)):
-            f = self.files[i]
-            if not pyfuse3.readdir_reply(token, f.name, self._entry(f.ino), i + 1):
-                return
-
-    async def open(self, inode: int, flags: int, ctx) -> pyfuse3.FileInfo:
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
-            raise pyfuse3.FUSEError(errno.EROFS)
-        if inode not in self._by_ino:
-            raise pyfuse3.FUSEError(errno.EISDIR)
-        fi = pyfuse3.FileInfo(fh=inode)
-        # No page cache (and so no readahead) for blob files: EROFS caches the file pages it
-        # reads, a second copy would only cost memory, and readahead here would read other
-        # files' chunks (fetching them, and hiding later reads from the stats and the cache's LRU).
-        fi.direct_io = True
-        return fi
-
-    # --- data ------------------------------------------------------------
-
-    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
+    def read(self, ino: int, off: int, size: int) -> bytes | bytearray:
+        """Bytes [off, off+size) of blob file `ino`; OSError(EIO) if a chunk cannot be had."""
+        f = self._by_ino.get(ino)
+        if f is None:
+            raise OSError(errno.ENOENT, "no such blob file")
         try:
-            return await self._read(self._by_ino[fh], off, size)
-        except pyfuse3.FUSEError:
-            raise
+            return self._read(f, off, size)
         except NaiadError as e:
-            log.warning("read of blob file %d at %d failed: %s", fh - ROOT_INO, off, e)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except Exception:
-            # A bug must cost this read, not the whole mount.
-            log.exception("read of blob file %d at %d failed", fh - ROOT_INO, off)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            log.warning("read of blob file %d at %d failed: %s", ino - ROOT_INO, off, e)
+            raise OSError(errno.EIO, str(e)) from None
 
-    async def _read(self, f: _BlobFile, off: int, size: int) -> bytes | bytearray:
+    def _read(self, f: _BlobFile, off: int, size: int) -> bytes | bytearray:
         end = min(off + size, f.size)
         if off >= end:
             return b""
@@ -207,32 +153,25 @@ class BlobFS(pyfuse3.Operations):
         if lo < hi and f.uoffsets[lo] <= off:
             self._started.setdefault(f.chunk_ids[lo], None)
         if all(i in f.present for i in range(lo, hi)):
-            return await self._read_present(f, off, end, lo, hi)
-        # The bootstrap, the cache index and cache files on disk, or the network: a worker thread.
-        return await trio.to_thread.run_sync(self._read_chunks, f, off, end, lo, hi,
-                                             limiter=self._fetch_limiter)
+            return self._read_present(f, off, end, lo, hi)
+        return self._read_chunks(f, off, end, lo, hi)
 
-    async def _read_present(self, f: _BlobFile, off: int, end: int, lo: int, hi: int) -> bytes | bytearray:
+    def _read_present(self, f: _BlobFile, off: int, end: int, lo: int, hi: int) -> bytes:
         """Bytes [off, end) with one pread of the blob's cache file: no index, no copies.
 
         The cache file has this file's layout (chunks at their uoffset, zeros between them), so
-        with every chunk of the range present in it the read is the answer. From the page cache
-        it is read on the event loop (microseconds, less than a thread hop); only a read that
-        would wait for the disk goes to a worker thread, so that it holds up no other read.
+        with every chunk of the range present in it the read is the answer.
         """
         cache = self.fetcher.cache
-        fd = cache.blob_fd(f.digest)
-        data = _pread_if_cached(fd, end - off, off)
-        if data is None:
-            data = await trio.to_thread.run_sync(os.pread, fd, end - off, off, limiter=self._fetch_limiter)
-            if len(data) < end - off:  # the cache file ends before this file: the rest is holes
-                data += bytes(end - off - len(data))
+        data = os.pread(cache.blob_fd(f.digest), end - off, off)
+        if len(data) < end - off:  # the cache file ends before this file: the rest is holes
+            data += bytes(end - off - len(data))
         cache.touch(f.present[i] for i in range(lo, hi))
         self.fetcher.served(len(data), hi - lo)
         return data
 
     def _read_chunks(self, f: _BlobFile, off: int, end: int, first: int, stop: int) -> bytearray:
-        """Bytes [off, end) chunk by chunk, from the cache where it has them, else fetched (in a thread)."""
+        """Bytes [off, end) chunk by chunk, from the cache where it has them, else fetched."""
         ids = f.chunk_ids[first:stop]
         rows = self.bs.query(
             "SELECT id, digest, blob, offset, csize, usize, uoffset FROM chunks WHERE id IN"
@@ -264,16 +203,3 @@ class BlobFS(pyfuse3.Operations):
                 f.present[i] = c.digest
         return out
 
-
-def _pread_if_cached(fd: int, size: int, offset: int) -> bytearray | None:
-    """pread if all `size` bytes are in the page cache; None where it would wait for the disk."""
-    buf = bytearray(size)
-    try:
-        n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
-    except BlockingIOError:
-        return None
-    except OSError as e:
-        if e.errno == errno.EOPNOTSUPP:  # a filesystem without RWF_NOWAIT: the thread it is
-            return None
-        raise
-    return buf if n == size else None

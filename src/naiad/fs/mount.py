@@ -13,7 +13,8 @@ Two ways to serve the tree (`MountOptions.mode`):
 - `kernel`: the kernel serves the tree from an EROFS metadata image made
   from the bootstrap (cached beside it), mounted from that file with one
   extra device per blob; the devices are the files of a small FUSE
-  filesystem (BlobFS) on `<state>/blobs`, so Python only sees data reads,
+  filesystem (BlobFS, served by fusewire's threads, not pyfuse3) on
+  `<state>/blobs`, so Python only sees data reads,
   once per chunk range, and warm reads never leave the kernel. Its trace is
   approximate (BlobFS.first_reads), so `naiad optimize` mounts with fuse.
 - `auto` (the default): kernel when this machine allows it (root, erofs,
@@ -43,6 +44,7 @@ from naiad.format.erofs import erofs_image
 from naiad.fs import kernel
 from naiad.fs.blobfs import BlobFS
 from naiad.fs.daemon import is_mounted, state_dir, write_json
+from naiad.fs.fusewire import FuseWireServer
 from naiad.fs.lazyfs import LazyFS
 from naiad.oci.image import Platform, RegistryOptions, source_for
 from naiad.oci.reference import Reference
@@ -171,14 +173,14 @@ def serve(ref: Reference, mountpoint: str, registry: RegistryOptions, options: M
         mount = _Mount(mountpoint, state, fetcher, image, options.read_ahead)
         if image is None:
             mount.fs = LazyFS(img.bootstrap, fetcher)
-            fuse_at, fuse_options = mountpoint, {"fsname=naiad"}
+            fuse_options = {"fsname=naiad", "subtype=naiad", "ro", "default_permissions"}
             if options.allow_other and os.geteuid() == 0:
                 fuse_options.add("allow_other")
+            pyfuse3.init(mount.fs, mountpoint, fuse_options | set(pyfuse3.default_options))
         else:
             mount.fs = BlobFS(img.bootstrap, fetcher)
-            fuse_at, fuse_options = mount.prepare_blob_dir(), {"fsname=naiad-blobs"}
-        fuse_options |= set(pyfuse3.default_options) | {"subtype=naiad", "ro", "default_permissions"}
-        pyfuse3.init(mount.fs, fuse_at, fuse_options)
+            mount.wire = FuseWireServer(mount.fs.flat_files(), mount.fs.read)
+            mount.wire.mount(mount.prepare_blob_dir())
         info = {"pid": os.getpid(), "ref": str(ref), "mountpoint": mountpoint,
                 "manifest_digest": img.image.manifest_digest, "started": time.time(),
                 "mode": mount.mode}
@@ -187,7 +189,7 @@ def serve(ref: Reference, mountpoint: str, registry: RegistryOptions, options: M
             trio.run(_main, mount, prefetcher, lambda: mount.up(info, prefetcher, notify_fd))
         finally:
             mount.stop_kernel(detach=True)
-            pyfuse3.close(unmount=True)
+            mount.close_fuse()
             _write_trace(state, mount.fs, img.bootstrap)
             fetcher.close()
             cache.close()
@@ -245,8 +247,29 @@ class _Mount:
         self.read_ahead = read_ahead
         self.mode = "fuse" if image is None else "kernel"
         self.fs: LazyFS | BlobFS | None = None
+        self.wire: FuseWireServer | None = None  # kernel mode's server of the blob files
         self.error: NaiadError | None = None
         self.kernel_mounted = False
+
+    async def serve_fuse(self) -> None:
+        """Answer FUSE requests until unmounted or terminate()d."""
+        if self.wire is None:
+            await pyfuse3.main(min_tasks=4, max_tasks=64)
+        else:
+            await trio.to_thread.run_sync(self.wire.finished.wait)
+
+    def terminate(self) -> None:
+        if self.wire is None:
+            pyfuse3.terminate()
+        else:
+            self.wire.stop()
+
+    def close_fuse(self) -> None:
+        if self.wire is None:
+            pyfuse3.close(unmount=True)
+        elif is_mounted(self.blob_dir):
+            with contextlib.suppress(NaiadError):
+                kernel.umount(self.blob_dir, detach=True)
 
     @property
     def blob_dir(self) -> str:
@@ -304,7 +327,7 @@ async def _main(mount: _Mount, prefetcher: Prefetcher, up: Callable[[], Awaitabl
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, mount)
         nursery.start_soon(_start, mount, prefetcher, up, nursery)
-        await pyfuse3.main(min_tasks=4, max_tasks=64)
+        await mount.serve_fuse()
         nursery.cancel_scope.cancel()
 
 
@@ -314,7 +337,7 @@ async def _start(mount: _Mount, prefetcher: Prefetcher, up: Callable[[], Awaitab
         await up()
     except NaiadError as e:
         mount.error = e
-        pyfuse3.terminate()
+        mount.terminate()
         return
     nursery.start_soon(_report, mount, prefetcher)
     nursery.start_soon(prefetcher.run)
@@ -324,7 +347,7 @@ async def _stop_on_signal(mount: _Mount) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for _ in signals:
             mount.stop_kernel(detach=True)
-            pyfuse3.terminate()
+            mount.terminate()
             return
 
 
@@ -333,7 +356,7 @@ async def _report(mount: _Mount, prefetcher: Prefetcher) -> None:
         if mount.kernel_mounted and not is_mounted(mount.mountpoint):
             # EROFS was unmounted (`naiad umount`, or plain umount): blobfs has nobody to serve.
             mount.kernel_mounted = False
-            pyfuse3.terminate()
+            mount.terminate()
             return
         # In a thread: counting the files read asks the bootstrap a question that takes tens of ms on
         # a big image, and every FUSE request would wait for it on this loop.
