@@ -76,6 +76,7 @@ class ChunkFetcher:
         self._lock = threading.Lock()
         self._inflight: dict[bytes, Future[bytes]] = {}
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="naiad-fetch")
+        self._tails = ThreadPoolExecutor(2, thread_name_prefix="naiad-decode")  # see _fetch_group
         # Told the chunks each fetch has just put in the cache (verified, in their blob's own file).
         self.on_cached: Callable[[list[Chunk]], None] | None = None
 
@@ -125,10 +126,11 @@ class ChunkFetcher:
 
     def _fetch(self, chunks: list[Chunk], amplify: bool) -> None:
         groups = self._plan(chunks, amplify)
+        asked = frozenset(c.digest for c in chunks)
         if len(groups) == 1:
-            self._fetch_group(*groups[0])
+            self._fetch_group(*groups[0], asked)
             return
-        for f in [self._pool.submit(self._fetch_group, *g) for g in groups]:
+        for f in [self._pool.submit(self._fetch_group, *g, asked) for g in groups]:
             f.result()
 
     def _plan(self, chunks: list[Chunk], amplify: bool) -> list[tuple[Blob, list[Chunk]]]:
@@ -172,7 +174,7 @@ class ChunkFetcher:
                 extra[n.digest] = n
         return sorted([*items, *extra.values()], key=lambda c: c.offset)
 
-    def _fetch_group(self, blob: Blob, run: list[Chunk]) -> None:
+    def _fetch_group(self, blob: Blob, run: list[Chunk], asked: frozenset[bytes]) -> None:
         start = run[0].offset
         size = run[-1].offset + run[-1].csize - start
         with self._lock:
@@ -202,6 +204,22 @@ class ChunkFetcher:
             self.stats.latencies.append(elapsed)
             if len(self.stats.latencies) > 10000:
                 del self.stats.latencies[:5000]
+        # The asked chunks are decoded here, and their readers answered; the neighbours that only
+        # amplification brought are decoded and cached off the caller's thread, so that its
+        # reader (an app waiting on a page fault) does not wait for bytes it did not ask for.
+        last = max((i for i, c in enumerate(run) if c.digest in asked), default=len(run) - 1)
+        good = self._decode(blob, run[:last + 1], data, start)
+        if last + 1 == len(run):
+            self._land(blob, good)
+        else:
+            self._tails.submit(self._finish, blob, run[last + 1:], data, start, good)
+
+    def _finish(self, blob: Blob, run: list[Chunk], data: bytes, start: int,
+                good: list[tuple[Chunk, bytes]]) -> None:
+        self._land(blob, good + self._decode(blob, run, data, start))
+
+    def _decode(self, blob: Blob, run: list[Chunk], data: bytes, start: int) -> list[tuple[Chunk, bytes]]:
+        """Decode and verify `run` out of `data` (the range from `start`), answering its readers."""
         good: list[tuple[Chunk, bytes]] = []
         for c in run:
             stored = data[c.offset - start: c.offset - start + c.csize]
@@ -218,6 +236,10 @@ class ChunkFetcher:
                 fut = self._inflight.get(c.digest)
             if fut is not None and not fut.done():
                 fut.set_result(chunk)
+        return good
+
+    def _land(self, blob: Blob, good: list[tuple[Chunk, bytes]]) -> None:
+        """Put verified chunks in the cache (one commit for all) and take them out of flight."""
         try:
             # One commit for the whole range: per-chunk commits cost more than the decoding.
             self.cache.put_many(blob.digest, [(c.digest, c.uoffset, chunk) for c, chunk in good])
@@ -242,3 +264,4 @@ class ChunkFetcher:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._tails.shutdown(wait=True)  # verified chunks on their way into the cache
