@@ -1,0 +1,93 @@
+"""The chunk fetcher's read-ahead (storage/fetcher.py), against a real naiad image in an OCI layout.
+
+A read that pulls neighbours in by amplification answers with the chunks it asked for; the
+neighbours are decoded, verified and cached after it (on a decode thread), and one whose bytes
+are wrong is neither cached nor served, without failing the read that brought it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from naiad.errors import NaiadError
+from naiad.format.bootstrap import Chunk
+from naiad.oci.image import open_source
+from naiad.oci.reference import parse_reference
+from naiad.storage.cache import ChunkCache
+from naiad.storage.fetcher import ChunkFetcher
+from naiad.storage.image import NaiadImage
+
+
+class LyingBackend:
+    """The layout's blobs, with the stored bytes of one chunk altered on the way (a lying source)."""
+
+    def __init__(self, source, bad: Chunk):
+        self.source, self.bad = source, bad
+        self.ranges: list[tuple[int, int]] = []
+
+    def read_range(self, digest: str, offset: int, size: int) -> bytes:
+        self.ranges.append((offset, size))
+        data = bytearray(self.source.read_range(digest, offset, size))
+        at = self.bad.offset - offset
+        if 0 <= at < size:
+            data[at] ^= 0xFF
+        return bytes(data)
+
+
+@pytest.fixture
+def image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    rnd = random.Random(7)
+    for i in range(12):  # small files: a chunk each, stored one after another in one blob
+        (tree / f"f{i:02d}").write_bytes(rnd.randbytes(20_000 + i))
+    monkeypatch.setenv("NAIAD_HOME", str(tmp_path / "home"))
+    subprocess.run([sys.executable, "-m", "naiad", "build", str(tree), f"oci:{tmp_path}/layout:t"],
+                   check=True, capture_output=True, env=os.environ)
+    source = open_source(parse_reference(f"oci:{tmp_path}/layout:t"))
+    img = NaiadImage.open(source)
+    chunks = sorted(img.bootstrap.chunks(), key=lambda c: (c.blob, c.offset))
+    yield img, source, chunks
+    img.close()
+
+
+def test_read_ahead_lands_in_the_cache_and_a_bad_neighbour_does_not(image, tmp_path: Path) -> None:
+    img, source, chunks = image
+    assert len({c.blob for c in chunks}) == 1 and len(chunks) == 12
+    asked, bad = chunks[0], chunks[5]
+    backend = LyingBackend(source, bad)
+    cache = ChunkCache(str(tmp_path / "cache"))
+    fetcher = ChunkFetcher(img.bootstrap, backend, cache, amplify=1 << 20)
+    [data] = fetcher.read([asked])
+    assert hashlib.sha256(data).digest() == asked.digest
+    assert len(backend.ranges) == 1 and backend.ranges[0][1] > asked.csize  # the neighbours came too
+    fetcher.close()  # waits for the decode thread
+    for c in chunks:
+        assert cache.contains(c.digest) == (c is not bad), c
+        if c is not bad:
+            assert hashlib.sha256(cache.get(c.digest)).digest() == c.digest
+    fetcher = ChunkFetcher(img.bootstrap, backend, cache, amplify=1 << 20)
+    with pytest.raises(NaiadError, match=r"does not match|corrupt"):
+        fetcher.read([bad])
+    assert not cache.contains(bad.digest)
+    fetcher.close()
+    cache.close()
+
+
+def test_concurrent_readers_of_a_neighbour_get_its_verified_bytes(image, tmp_path: Path) -> None:
+    img, source, chunks = image
+    cache = ChunkCache(str(tmp_path / "cache"))
+    fetcher = ChunkFetcher(img.bootstrap, source, cache, amplify=1 << 20)
+    got = fetcher.read([chunks[0]])
+    got += fetcher.read(chunks[1:])  # in flight or cached by now: no second fetch
+    assert [hashlib.sha256(d).digest() for d in got] == [c.digest for c in chunks]
+    assert fetcher.stats.requests == 1
+    fetcher.close()
+    cache.close()
