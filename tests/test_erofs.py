@@ -6,6 +6,8 @@
 - lazy: reading one small file fetches a small fraction of the blobs;
 - integrity: a tampered chunk gives EIO to the files using it only, never
   reaches the cache, and reads fine once the blob is restored;
+- passthrough: a blob whose chunks are all cached is read by the kernel from the
+  cache file (FUSE passthrough), byte for byte the same, with no read in Python;
 - lifecycle: `naiad umount` and SIGTERM leave neither EROFS nor blobfs mounted,
   a busy mount is refused and kept, `--mode auto` picks the kernel here;
 - the image itself: `fsck.erofs` accepts it, and it is the same bytes when
@@ -180,6 +182,30 @@ def test_kernel_mount_sets_the_read_ahead(small_image, node: Node) -> None:
     mnt = node.mount(ref, "--mode", "kernel", "--read-ahead", "2M", name="mnt2")
     assert Path(read_ahead_file(str(mnt))).read_text().strip() == "2048"
     assert (mnt / "bin/tool").read_bytes() == files["bin/tool"]
+    node.umount(mnt)
+
+
+def test_a_fully_cached_blob_is_read_by_the_kernel_from_the_cache(registry: RegistryServer,
+                                                                  node: Node) -> None:
+    files = {"etc/hello": b"hello\n", "bin/tool": rand(300 * KiB, 73), "lib/big": rand(3 * MiB, 74)}
+    ref, built = publish(node.home, write_tree(node.root / "tree", files), registry, name="passthrough")
+    mnt = node.mount(ref, "--mode", "kernel", "--amplify", "0", name="first")
+    assert (mnt / "etc/hello").read_bytes() == files["etc/hello"]
+    node.umount(mnt)
+    # Some chunks of the blob are not cached: the daemon serves its reads.
+    mnt = node.mount(ref, "--mode", "kernel", name="second")
+    assert node.stats(mnt)["passthrough"] == 0
+    for path, data in files.items():
+        assert (mnt / path).read_bytes() == data
+    node.umount(mnt)
+    # Every chunk is: the kernel reads the cache file itself, the daemon sees no read.
+    mnt = node.mount(ref, "--mode", "kernel", name="third")
+    assert node.stats(mnt)["passthrough"] == len(built["blobs"]) == 1
+    for path, data in files.items():
+        assert (mnt / path).read_bytes() == data
+    done = node.stats(mnt)["updated"]
+    stats = node.wait_stats(mnt, lambda s: s["updated"] > done, "the stats to be written again")
+    assert stats["reads"] == 0 and stats["requests"] == 0
     node.umount(mnt)
 
 

@@ -79,6 +79,7 @@ class BlobFS:
         # file's); the chunk it starts in is the one it was for.
         self._started: dict[int, None] = {}
         self._files_read = (0, 0)  # (len(_started) when counted, files)
+        self.passthrough: list[int] = []  # blob files the kernel reads from their cache file itself
 
     def _mark_present(self, f: _BlobFile, placed: list[tuple[bytes, int]]) -> None:
         """Note the chunks of `f` whose verified bytes are in its cache file: (digest, uoffset)."""
@@ -129,6 +130,29 @@ class BlobFS:
     def flat_files(self) -> list[FlatFile]:
         """The files to serve (naiad.fs.fusewire)."""
         return [FlatFile(f.ino, f.name, f.size) for f in self.files]
+
+    def backing(self, ino: int) -> int | None:
+        """The blob's cache file, for FUSE passthrough, if it holds every chunk of blob file `ino`.
+
+        Asked when EROFS opens the file (at mount): only chunks whose rows are of this boot
+        count (present), so every byte the kernel will read there is verified. The cache file
+        stays open, and so flocked, for the mount's life: eviction never empties it meanwhile.
+        Chunks of other images in the gaps are never read: EROFS reads only this image's.
+        """
+        f = self._by_ino.get(ino)
+        if f is None or len(f.present) < len(f.chunk_ids):
+            return None
+        cache = self.fetcher.cache
+        try:
+            # EROFS takes a short read for EIO: the cache file must reach the end of the blob
+            # file (less than a block further, every chunk being there).
+            cache.extend_to(f.digest, f.size)
+        except OSError as e:
+            log.warning("blob file %d: no passthrough: %s", ino - ROOT_INO, e)
+            return None
+        cache.touch(f.present.values())  # reads from now on are the kernel's, unseen
+        self.passthrough.append(ino)
+        return cache.blob_fd(f.digest)
 
     # --- data (on the server's threads) ----------------------------------
 

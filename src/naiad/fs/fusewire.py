@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -42,9 +43,14 @@ _NO_REPLY = frozenset({_FORGET, _BATCH_FORGET, _INTERRUPT})
 _ASYNC_READ = 1 << 0
 _MAX_PAGES = 1 << 22
 _INIT_EXT = 1 << 30
+_PASSTHROUGH_FLAGS2 = 1 << (37 - 32)  # FUSE_PASSTHROUGH, in the second word of flags
 _KERNEL_MAJOR, _MAX_MINOR = 7, 40  # the structures below are 7.40's (Linux 6.9)
 
 _FOPEN_DIRECT_IO = 1 << 0
+_FOPEN_PASSTHROUGH = 1 << 7
+# ioctl(/dev/fuse, FUSE_DEV_IOC_BACKING_OPEN, struct fuse_backing_map {s32 fd; u32 flags; u64 pad})
+_BACKING_OPEN = (1 << 30) | (16 << 16) | (229 << 8) | 1
+_BACKING_MAP = struct.Struct("<iIQ")
 _ROOT = 1
 _TIMEOUT = 86400 * 365  # seconds the kernel may keep names and attributes: the files never change
 _MAX_PAGES_PER_READ = 256  # 1 MiB reads, the kernel's ceiling
@@ -79,22 +85,34 @@ class FlatFile:
 
 
 Reader = Callable[[int, int, int], "bytes | bytearray"]  # (ino, offset, size) -> data; OSError fails it
+Backing = Callable[[int], "int | None"]  # ino -> a descriptor whose bytes ARE the file's, or None
 
 
 class FuseWireServer:
     """Serves `files` read-only at a mount point, with `read` answering reads, on `threads` threads.
 
-    `read` runs on the server's threads and may block (a fetch): the other threads go on.
+    `read` runs on the server's threads and may block (a fetch): the other threads go on. A
+    request waits only when all of them are busy, so there are enough for reads of cached bytes
+    to pass while some wait for a registry that stopped answering (up to the fetch timeout);
+    an idle thread costs a 64 KiB buffer.
+
+    FUSE passthrough (Linux 6.9): when `backing` gives a descriptor for a file being opened, the
+    kernel reads that open file from the descriptor's file itself, never asking `read`. The
+    descriptor must hold the file's bytes and keep holding them while the mount lives (a short
+    file reads as if it ended in zeros, as EROFS fills a short read).
     """
 
-    def __init__(self, files: Sequence[FlatFile], read: Reader, *, threads: int = 16,
-                 fsname: str = "naiad-blobs"):
+    def __init__(self, files: Sequence[FlatFile], read: Reader, *, threads: int = 32,
+                 fsname: str = "naiad-blobs", backing: Backing | None = None):
         self.files = list(files)
         self._by_ino = {f.ino: f for f in self.files}
         self._by_name = {f.name: f for f in self.files}
         self._read = read
         self._threads = threads
         self._fsname = fsname
+        self._backing = backing
+        self._backing_ids: dict[int, int] = {}  # ino -> the kernel's id of its backing file
+        self.passthrough = False  # the kernel agreed to FUSE passthrough (INIT)
         self._fd = -1
         self._workers: list[threading.Thread] = []
         self._running = 0
@@ -185,8 +203,13 @@ class FuseWireServer:
                 raise OSError(errno.EISDIR if opcode == _OPEN else errno.ENOTDIR, "wrong type")
             if struct.unpack_from("<I", args)[0] & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
                 raise OSError(errno.EROFS, "read-only")
+            if opcode == _OPENDIR:
+                return _OPEN_OUT.pack(nodeid, 0, 0)
+            backing_id = self._backing_id(nodeid)
+            if backing_id is not None:
+                return _OPEN_OUT.pack(nodeid, _FOPEN_PASSTHROUGH, backing_id)
             # No page cache for the files: whoever reads them (EROFS) caches what it read itself.
-            return _OPEN_OUT.pack(nodeid, _FOPEN_DIRECT_IO if opcode == _OPEN else 0, 0)
+            return _OPEN_OUT.pack(nodeid, _FOPEN_DIRECT_IO, 0)
         if opcode == _READDIR:
             _, offset, size = _READ_IN.unpack_from(args)
             return self._readdir(offset, size)
@@ -204,8 +227,34 @@ class FuseWireServer:
         if major != _KERNEL_MAJOR:
             raise OSError(errno.EPROTO, f"FUSE protocol {major}.{minor}")
         want = (_ASYNC_READ | _MAX_PAGES | _INIT_EXT) & flags
+        flags2 = struct.unpack_from("<I", args, _INIT_IN.size)[0] if flags & _INIT_EXT else 0
+        want2 = _PASSTHROUGH_FLAGS2 & flags2 if self._backing is not None else 0
+        self.passthrough = bool(want2)
+        # Passthrough makes this filesystem one level of stacking (max_stack_depth 1): the backing
+        # files must be on a plain filesystem, and whatever mounts on these files (EROFS) counts it.
         return _INIT_OUT.pack(_KERNEL_MAJOR, min(minor, _MAX_MINOR), max_readahead, want,
-                              16, 12, _MAX_WRITE, 1, _MAX_PAGES_PER_READ, 0, 0, 0)
+                              16, 12, _MAX_WRITE, 1, _MAX_PAGES_PER_READ, 0, want2, 1 if want2 else 0)
+
+    def _backing_id(self, ino: int) -> int | None:
+        """The kernel's id for `ino`'s backing file, registering it on first use; None: no passthrough."""
+        if not self.passthrough:
+            return None
+        with self._lock:
+            if ino in self._backing_ids:
+                return self._backing_ids[ino]
+            assert self._backing is not None
+            fd = self._backing(ino)
+            if fd is None:
+                return None
+            try:
+                # Kept for the mount's life: the kernel looks the id up after this open's reply.
+                arg = bytearray(_BACKING_MAP.pack(fd, 0, 0))
+                backing_id = fcntl.ioctl(self._fd, _BACKING_OPEN, arg, True)  # True: the result
+            except OSError as e:
+                log.warning("blob file %d: no passthrough: %s", ino, e.strerror)
+                return None
+            self._backing_ids[ino] = backing_id
+            return backing_id
 
     def _attr(self, ino: int) -> tuple[int, ...]:
         if ino == _ROOT:

@@ -179,7 +179,7 @@ def serve(ref: Reference, mountpoint: str, registry: RegistryOptions, options: M
             pyfuse3.init(mount.fs, mountpoint, fuse_options | set(pyfuse3.default_options))
         else:
             mount.fs = BlobFS(img.bootstrap, fetcher)
-            mount.wire = FuseWireServer(mount.fs.flat_files(), mount.fs.read)
+            mount.wire = FuseWireServer(mount.fs.flat_files(), mount.fs.read, backing=mount.fs.backing)
             mount.wire.mount(mount.prepare_blob_dir())
         info = {"pid": os.getpid(), "ref": str(ref), "mountpoint": mountpoint,
                 "manifest_digest": img.image.manifest_digest, "started": time.time(),
@@ -317,6 +317,8 @@ class _Mount:
                                               "throughput_mb_s": round(fit[1] / 1e6, 1)},
             "mode": self.mode,
             "files_read": len(self.fs.files_read) if isinstance(self.fs, LazyFS) else self.fs.files_read(),
+            # Blob files whose every chunk was cached at mount: the kernel reads their cache files.
+            "passthrough": len(self.fs.passthrough) if isinstance(self.fs, BlobFS) else 0,
             "prefetch": {"done_bytes": prefetcher.done_bytes, "total_bytes": prefetcher.total_bytes,
                          "finished": prefetcher.finished},
             "updated": time.time(),

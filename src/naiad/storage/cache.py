@@ -213,6 +213,18 @@ class ChunkCache:
         """A descriptor of `blob`'s cache file, for reading verified chunks in place (see verified())."""
         return self._fd(blob)
 
+    def extend_to(self, blob: str, size: int) -> None:
+        """Make `blob`'s cache file at least `size` bytes long, the new end reading as zeros.
+
+        For a reader that takes the file for the blob's whole uncompressed space (FUSE
+        passthrough). posix_fallocate only ever extends: chunks that another image's mount
+        wrote further on stay. OSError (a full disk) if it cannot.
+        """
+        fd = self._fd(blob)
+        end = os.fstat(fd).st_size
+        if end < size:
+            os.posix_fallocate(fd, end, size - end)
+
     def contains(self, digest: bytes) -> bool:
         return digest in self._verified or self.lookup(digest) is not None
 
