@@ -102,3 +102,27 @@ def test_unmount_ends_the_server(served) -> None:
     assert not server.finished.is_set()
     kernel.umount(str(mnt))
     assert server.finished.wait(5)
+
+
+def test_passthrough_reads_the_backing_file_without_the_reader(tmp_path: Path) -> None:
+    data = random.Random(2).randbytes(2 << 20)
+    (tmp_path / "backing").write_bytes(data)
+    fd = os.open(tmp_path / "backing", os.O_RDONLY)
+    calls: list[int] = []
+
+    def read(ino: int, off: int, size: int) -> bytes:
+        calls.append(ino)
+        return bytes(size)
+
+    files = [FlatFile(2, b"through", len(data)), FlatFile(3, b"served", 4096)]
+    server = FuseWireServer(files, read, threads=2, backing=lambda ino: fd if ino == 2 else None)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    server.mount(str(mnt))
+    try:
+        assert (mnt / "through").read_bytes() == data
+        assert (mnt / "served").read_bytes() == bytes(4096)
+        assert server.passthrough and set(calls) == {3}
+    finally:
+        kernel.umount(str(mnt), detach=True)
+        os.close(fd)

@@ -97,9 +97,9 @@ class FuseWireServer:
     an idle thread costs a 64 KiB buffer.
 
     FUSE passthrough (Linux 6.9): when `backing` gives a descriptor for a file being opened, the
-    kernel reads that open file from the descriptor's file itself, never asking `read`. The
-    descriptor must hold the file's bytes and keep holding them while the mount lives (a short
-    file reads as if it ended in zeros, as EROFS fills a short read).
+    kernel reads that open file from the descriptor's file itself, never asking `read`. That file
+    must hold the served file's bytes, be at least as long (EROFS takes a short read for EIO),
+    and keep both while the mount lives.
     """
 
     def __init__(self, files: Sequence[FlatFile], read: Reader, *, threads: int = 32,
@@ -114,7 +114,6 @@ class FuseWireServer:
         self._backing_ids: dict[int, int] = {}  # ino -> the kernel's id of its backing file
         self.passthrough = False  # the kernel agreed to FUSE passthrough (INIT)
         self._fd = -1
-        self._workers: list[threading.Thread] = []
         self._running = 0
         self._lock = threading.Lock()
         self.finished = threading.Event()  # the connection ended (unmounted) or stop() was called
@@ -132,9 +131,7 @@ class FuseWireServer:
             raise NaiadError(f"cannot mount the blob files at {target}: {os.strerror(err)}")
         self._running = self._threads
         for i in range(self._threads):
-            t = threading.Thread(target=self._serve, name=f"fusewire-{i}", daemon=True)
-            t.start()
-            self._workers.append(t)
+            threading.Thread(target=self._serve, name=f"fusewire-{i}", daemon=True).start()
 
     def stop(self) -> None:
         """Stop answering: the process may exit, which ends the connection (the kernel aborts it)."""
@@ -190,7 +187,12 @@ class FuseWireServer:
     def _dispatch(self, opcode: int, nodeid: int, args: memoryview) -> bytes | bytearray:
         if opcode == _READ:
             _, offset, size = _READ_IN.unpack_from(args)
-            return self._read(nodeid, offset, size)
+            f = self._by_ino.get(nodeid)
+            if f is None:
+                raise OSError(errno.EBADF, "not a file")
+            # Direct I/O reads are not cut at the file's end by the kernel: the end is here.
+            size = min(size, f.size - offset)
+            return self._read(nodeid, offset, size) if size > 0 else b""
         if opcode == _LOOKUP:
             f = self._by_name.get(bytes(args).rstrip(b"\0")) if nodeid == _ROOT else None
             if f is None:
