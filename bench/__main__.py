@@ -1,7 +1,8 @@
 """`python -m bench [--quick] [--only NAME ...]`: run the benchmarks, print tables, write a report.
 
 The report goes to `bench/results/<YYYY-MM-DD>-<name>.md` (name: `--name`, else
-`quick` or `full`, plus the `--only` selection). Inputs that are slow to make
+`quick` or `full`, plus the `--only` selection); an existing report is never
+overwritten: the name then ends in -2, -3, ... Inputs that are slow to make
 (the reference images) are kept in `$NAIAD_BENCH_CACHE` (default
 `~/.cache/naiad-bench`). Exit status 1 if any benchmark failed.
 """
@@ -52,9 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now()
     mode = "quick" if args.quick else "full"
     name = args.name or (mode if not args.only else f"{mode}-{'-'.join(args.only)}")
-    out = None if args.no_report else BENCH_DIR / "results" / f"{started:%Y-%m-%d}-{name}.md"
-    if out:
-        out.parent.mkdir(exist_ok=True)
+    out = None if args.no_report else _new_report(BENCH_DIR / "results", f"{started:%Y-%m-%d}-{name}")
     ctx = Context(quick=args.quick, reps=args.reps or (1 if args.quick else 3), cache=cache, repo=REPO,
                   log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True), report=out,
                   workloads=tuple(args.workload), networks=tuple(args.networks),
@@ -94,6 +93,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _new_report(results: Path, stem: str) -> Path:
+    """results/STEM.md, or STEM-2.md, STEM-3.md... if taken (plots take the report's stem)."""
+    results.mkdir(exist_ok=True)
+    out, n = results / f"{stem}.md", 1
+    while out.exists():
+        n += 1
+        out = results / f"{stem}-{n}.md"
+    return out
 
 
 if __name__ == "__main__":

@@ -216,7 +216,11 @@ class ChunkFetcher:
 
     def _finish(self, blob: Blob, run: list[Chunk], data: bytes, start: int,
                 good: list[tuple[Chunk, bytes]]) -> None:
-        self._land(blob, good + self._decode(blob, run, data, start))
+        try:
+            self._land(blob, good + self._decode(blob, run, data, start))
+        except Exception as e:  # a bug: nobody may wait forever for these chunks
+            log.exception("finishing a fetch from %s failed", blob.digest)
+            self._fail([*run, *(c for c, _ in good)], e)
 
     def _decode(self, blob: Blob, run: list[Chunk], data: bytes, start: int) -> list[tuple[Chunk, bytes]]:
         """Decode and verify `run` out of `data` (the range from `start`), answering its readers."""
@@ -259,7 +263,7 @@ class ChunkFetcher:
             self.stats.errors += 1
             futs = [self._inflight.pop(c.digest, None) for c in run]
         for fut in futs:
-            if fut is not None:
+            if fut is not None and not fut.done():
                 fut.set_exception(err)
 
     def close(self) -> None:
