@@ -229,7 +229,8 @@ class FuseWireServer:
         if major != _KERNEL_MAJOR:
             raise OSError(errno.EPROTO, f"FUSE protocol {major}.{minor}")
         want = (_ASYNC_READ | _MAX_PAGES | _INIT_EXT) & flags
-        flags2 = struct.unpack_from("<I", args, _INIT_IN.size)[0] if flags & _INIT_EXT else 0
+        extended = flags & _INIT_EXT and len(args) >= _INIT_IN.size + 4  # 7.36+: a second flags word
+        flags2 = struct.unpack_from("<I", args, _INIT_IN.size)[0] if extended else 0
         want2 = _PASSTHROUGH_FLAGS2 & flags2 if self._backing is not None else 0
         self.passthrough = bool(want2)
         # Passthrough makes this filesystem one level of stacking (max_stack_depth 1): the backing
