@@ -206,6 +206,7 @@ def test_a_fully_cached_blob_is_read_by_the_kernel_from_the_cache(registry: Regi
     done = node.stats(mnt)["updated"]
     stats = node.wait_stats(mnt, lambda s: s["updated"] > done, "the stats to be written again")
     assert stats["reads"] == 0 and stats["requests"] == 0
+    assert "passthrough    1 blob files" in ok(node.naiad("stats", mnt)).stdout
     node.umount(mnt)
 
 

@@ -394,6 +394,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
         f"prefetch       {_human(pf.get('done_bytes', 0))} of {_human(pf.get('total_bytes', 0))}"
         + (" (done)" if pf.get("finished") else ""),
     ]
+    if stats.get("passthrough"):
+        lines.append(f"passthrough    {stats['passthrough']} blob files, read by the kernel from the cache"
+                     " (those reads are not counted above)")
     _emit(args, obj, "\n".join(lines))
     return 0
 
