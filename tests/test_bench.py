@@ -44,7 +44,9 @@ def test_quick_benchmarks_write_a_report_with_numbers(tmp_path):
     try:
         proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--name", name], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        # A failed benchmark says why in its section; that, not the tail of the output, is the message.
+        failures = re.findall(r"^## [^\n]*\n\n\*\*FAILED\*\*.*?(?=^_\(\d+ s\)_)", proc.stdout, re.M | re.S)
+        assert proc.returncode == 0, "".join(failures)[-6000:] + proc.stderr[-2000:]
         reports = [p for p in set(results.iterdir()) - before if p.suffix == ".md"]
         assert len(reports) == 1, reports
         text = reports[0].read_text()

@@ -140,8 +140,8 @@ class BlobFS:
         Chunks of other images in the gaps are never read: EROFS reads only this image's.
         """
         f = self._by_ino.get(ino)
-        if f is None or len(f.present) < len(f.chunk_ids):
-            return None
+        if f is None or not f.chunk_ids or len(f.present) < len(f.chunk_ids):
+            return None  # (a blob none of whose chunks this image uses gets no cache file either)
         cache = self.fetcher.cache
         try:
             # EROFS takes a short read for EIO: the cache file must reach the end of the blob
