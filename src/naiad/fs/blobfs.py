@@ -79,7 +79,6 @@ class BlobFS:
         # file's); the chunk it starts in is the one it was for.
         self._started: dict[int, None] = {}
         self._files_read = (0, 0)  # (len(_started) when counted, files)
-        self.passthrough: list[int] = []  # blob files the kernel reads from their cache file itself
 
     def _mark_present(self, f: _BlobFile, placed: list[tuple[bytes, int]]) -> None:
         """Note the chunks of `f` whose verified bytes are in its cache file: (digest, uoffset)."""
@@ -151,7 +150,6 @@ class BlobFS:
             log.warning("blob file %d: no passthrough: %s", ino - ROOT_INO, e)
             return None
         cache.touch(f.present.values())  # reads from now on are the kernel's, unseen
-        self.passthrough.append(ino)
         return cache.blob_fd(f.digest)
 
     # --- data (on the server's threads) ----------------------------------

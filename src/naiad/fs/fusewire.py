@@ -238,6 +238,11 @@ class FuseWireServer:
         return _INIT_OUT.pack(_KERNEL_MAJOR, min(minor, _MAX_MINOR), max_readahead, want,
                               16, 12, _MAX_WRITE, 1, _MAX_PAGES_PER_READ, 0, want2, 1 if want2 else 0)
 
+    def passed_through(self) -> int:
+        """How many files the kernel reads from their backing file (opened with passthrough)."""
+        with self._lock:
+            return len(self._backing_ids)
+
     def _backing_id(self, ino: int) -> int | None:
         """The kernel's id for `ino`'s backing file, registering it on first use; None: no passthrough."""
         if not self.passthrough:

@@ -318,7 +318,7 @@ class _Mount:
             "mode": self.mode,
             "files_read": len(self.fs.files_read) if isinstance(self.fs, LazyFS) else self.fs.files_read(),
             # Blob files whose every chunk was cached at mount: the kernel reads their cache files.
-            "passthrough": len(self.fs.passthrough) if isinstance(self.fs, BlobFS) else 0,
+            "passthrough": 0 if self.wire is None else self.wire.passed_through(),
             "prefetch": {"done_bytes": prefetcher.done_bytes, "total_bytes": prefetcher.total_bytes,
                          "finished": prefetcher.finished},
             "updated": time.time(),
