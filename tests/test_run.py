@@ -309,6 +309,7 @@ def test_exit_codes_of_failures(image, home, tmp_path):
     # missing (127) or not executable (126). The app's own exit codes stay distinct.
     proc = naiad(home, "run", f"oci:{tmp_path}/nothing:x")
     assert proc.returncode == 125 and proc.stderr.startswith("naiad: error:"), proc.stderr
+    assert_clean(home)  # the mount daemon, started before the image was resolved, is gone too
     proc = naiad(home, "run", "--entrypoint", "", image)
     assert proc.returncode == 125 and "no command" in proc.stderr
     proc = naiad(home, "run", "--entrypoint", "/nope", image)

@@ -1,8 +1,9 @@
 """Mount daemons: one process per lazy mount, its state under `$NAIAD_HOME/mounts/`.
 
-`mount()` starts `naiad mount --foreground` as a process of its own (so it
+`spawn()` starts `naiad mount --foreground` as a process of its own (so it
 outlives the command that started it, and later the snapshotter) and waits
-until the filesystem is up or reports why not. The daemon writes
+until the filesystem is up or reports why not; `start()` returns at once,
+so that its caller can work while the daemon comes up, and waits later. The daemon writes
 `state.json` (pid, ref, mountpoint), refreshes `stats.json` every second,
 and writes `trace.json` (files in first-read order) when it stops. SIGTERM
 and SIGINT unmount cleanly. In kernel mode (`state.json` says `"mode":
@@ -83,8 +84,35 @@ def is_mounted(path: str) -> bool:
     return False
 
 
-def spawn(argv: list[str], mountpoint: str, timeout: float = READY_TIMEOUT) -> int:
-    """Start `naiad mount --foreground` ARGV as a daemon; wait until it is mounted. Returns its pid."""
+class Starting:
+    """A mount daemon on its way up. `wait()` returns its pid once it is mounted."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], pipe: int, log_path: str):
+        self.proc, self._pipe, self.log_path = proc, pipe, log_path
+
+    def wait(self, timeout: float = READY_TIMEOUT) -> int:
+        """Wait until the daemon is mounted (its pid) or has failed (NaiadError: its reason)."""
+        deadline = time.monotonic() + timeout
+        buf = b""
+        with os.fdopen(self._pipe, "rb") as pipe:
+            while time.monotonic() < deadline:
+                line = pipe.readline()
+                if not line:
+                    break
+                buf += line
+                if line.startswith(b"ready"):
+                    return self.proc.pid
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.terminate()
+        message = buf.decode(errors="replace").strip().removeprefix("error: ")
+        if not message:
+            message = f"mount daemon exited (status {self.proc.wait()}); see {self.log_path}"
+        raise NaiadError(message)
+
+
+def start(argv: list[str], mountpoint: str) -> Starting:
+    """Start `naiad mount --foreground` ARGV as a daemon, and return at once: whoever started it
+    can do other work while it imports, fetches the bootstrap and mounts."""
     os.makedirs(state_dir(mountpoint), exist_ok=True)
     log_path = os.path.join(state_dir(mountpoint), "daemon.log")
     r, w = os.pipe()
@@ -94,22 +122,12 @@ def spawn(argv: list[str], mountpoint: str, timeout: float = READY_TIMEOUT) -> i
             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,), start_new_session=True,
         )
     os.close(w)
-    deadline = time.monotonic() + timeout
-    buf = b""
-    with os.fdopen(r, "rb") as pipe:
-        while time.monotonic() < deadline:
-            line = pipe.readline()
-            if not line:
-                break
-            buf += line
-            if line.startswith(b"ready"):
-                return proc.pid
-    with contextlib.suppress(ProcessLookupError):
-        proc.terminate()
-    message = buf.decode(errors="replace").strip().removeprefix("error: ")
-    if not message:
-        message = f"mount daemon exited (status {proc.wait()}); see {log_path}"
-    raise NaiadError(message)
+    return Starting(proc, r, log_path)
+
+
+def spawn(argv: list[str], mountpoint: str, timeout: float = READY_TIMEOUT) -> int:
+    """Start `naiad mount --foreground` ARGV as a daemon; wait until it is mounted. Returns its pid."""
+    return start(argv, mountpoint).wait(timeout)
 
 
 def umount(mountpoint: str, timeout: float = 30.0) -> None:

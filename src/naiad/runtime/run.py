@@ -135,9 +135,12 @@ def run(ref: str, command: Sequence[str] | None, options: RunOptions) -> int:
 def _prepare(run: _RunDir, ref: str, command: Sequence[str] | None, options: RunOptions) -> None:
     """Mount the image lazily, put the overlay on top and write the bundle."""
     parsed = parse_reference(ref)
+    # The daemon first: its start (a Python process that imports, fetches the bootstrap and mounts)
+    # is the longest step, and the image config is resolved here meanwhile.
+    starting = run.start_lazy(ref, options)
     with source_for(parsed, options.registry) as source:
         image_config = resolve_image(source, options.platform).config
-    run.mount_lazy(ref, options)
+    starting.wait()
     run.mount_overlay()
     user_spec = options.user if options.user is not None else image_settings(image_config).get("User")
     user = resolve_user(str(user_spec or ""), run.lower)
@@ -360,7 +363,7 @@ class _RunDir:
     def runc_root(self) -> str:
         return os.path.join(naiad_home(), "runc")
 
-    def mount_lazy(self, ref: str, options: RunOptions) -> None:
+    def start_lazy(self, ref: str, options: RunOptions) -> daemon.Starting:
         argv = [ref, self.lower, "--platform", str(options.platform)]
         if options.registry.plain_http:
             argv.append("--plain-http")
@@ -373,7 +376,7 @@ class _RunDir:
         self.daemon_spawned = True
         # Credentials go through the environment, not the daemon's command line (ps shows that).
         with _env("NAIAD_CREDS", options.registry.creds):
-            daemon.spawn(argv, self.lower)
+            return daemon.start(argv, self.lower)
 
     def mount_overlay(self) -> None:
         upper, work = os.path.join(self.path, "upper"), os.path.join(self.path, "work")
