@@ -7,7 +7,10 @@ Faults are armed from the test and consumed by the requests that match them:
 - `drop_next(after)`: the next matching response is cut after `after` bytes
   of its body, with the connection closed, as a flaky network would;
 - `redirect_next(base)`: the next matching request is answered with a 307 to
-  `base` + the request path (a registry redirecting blob GETs to storage).
+  `base` + the request path (a registry redirecting blob GETs to storage);
+- `stall_next(after, release)`: the next matching response sends `after` bytes
+  of its body, then nothing more until the event `release` is set (a slow
+  link, frozen at a point the test chooses).
 
 Every request is recorded (method, path, request headers, status, fault), so
 tests can check what the client sent, e.g. `Range` after a drop. The Host
@@ -38,13 +41,14 @@ _HOP_BY_HOP = {
 
 @dataclasses.dataclass
 class Fault:
-    kind: str  # "fail", "drop" or "redirect"
+    kind: str  # "fail", "drop", "redirect" or "stall"
     count: int
     method: str | None = None
     path_contains: str | None = None
     status: int = 500
     after: int = 0
     location: str = ""
+    release: threading.Event | None = None
 
     def matches(self, method: str, path: str) -> bool:
         if self.method and method != self.method:
@@ -103,6 +107,17 @@ class FaultProxy:
     ) -> None:
         with self._lock:
             self._faults.append(Fault("redirect", n, method, path_contains, location=base))
+
+    def stall_next(
+        self,
+        after: int,
+        release: threading.Event,
+        n: int = 1,
+        method: str | None = "GET",
+        path_contains: str | None = "/blobs/",
+    ) -> None:
+        with self._lock:
+            self._faults.append(Fault("stall", n, method, path_contains, after=after, release=release))
 
     def reset(self) -> None:
         with self._lock:
@@ -206,6 +221,11 @@ class FaultProxy:
                         # An abrupt end, mid-body, as when a network path fails.
                         self.connection.shutdown(socket.SHUT_RDWR)
                         return
+                    if fault is not None and fault.kind == "stall" and fault.release is not None:
+                        seen.fault = "stall"
+                        self.wfile.write(response.read(fault.after))
+                        self.wfile.flush()
+                        fault.release.wait(60)
                     if data is not None:
                         self.wfile.write(data)
                         return

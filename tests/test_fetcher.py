@@ -1,8 +1,11 @@
-"""The chunk fetcher's read-ahead (storage/fetcher.py), against a real naiad image in an OCI layout.
+"""The chunk fetcher's read-ahead (storage/fetcher.py), against a real naiad image in an OCI layout
+and on a real registry.
 
 A read that pulls neighbours in by amplification answers with the chunks it asked for; the
-neighbours are decoded, verified and cached after it (on a decode thread), and one whose bytes
-are wrong is neither cached nor served, without failing the read that brought it.
+neighbours are decoded, verified and cached after it (on a fetch thread), and one whose bytes
+are wrong is neither cached nor served, without failing the read that brought it. From a
+registry, the reader is answered as soon as its own chunks' bytes are in, before the rest of
+the range; a connection cut after them costs one more request, not the read.
 """
 
 from __future__ import annotations
@@ -12,14 +15,18 @@ import os
 import random
 import subprocess
 import sys
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from naiad.errors import NaiadError
 from naiad.format.bootstrap import Chunk
-from naiad.oci.image import open_source
+from naiad.oci.image import RegistryOptions, open_source
 from naiad.oci.reference import parse_reference
+from naiad.oci.registry import RegistrySource
 from naiad.storage.cache import ChunkCache
 from naiad.storage.fetcher import ChunkFetcher
 from naiad.storage.image import NaiadImage
@@ -68,7 +75,7 @@ def test_read_ahead_lands_in_the_cache_and_a_bad_neighbour_does_not(image, tmp_p
     [data] = fetcher.read([asked])
     assert hashlib.sha256(data).digest() == asked.digest
     assert len(backend.ranges) == 1 and backend.ranges[0][1] > asked.csize  # the neighbours came too
-    fetcher.close()  # waits for the decode thread
+    fetcher.close()  # waits for the read-ahead to land
     for c in chunks:
         assert cache.contains(c.digest) == (c is not bad), c
         if c is not bad:
@@ -90,4 +97,56 @@ def test_concurrent_readers_of_a_neighbour_get_its_verified_bytes(image, tmp_pat
     assert [hashlib.sha256(d).digest() for d in got] == [c.digest for c in chunks]
     assert fetcher.stats.requests == 1
     fetcher.close()
+    cache.close()
+
+
+@pytest.fixture
+def on_registry(image, registry, fault_proxy, tmp_path: Path):
+    """The image on the real registry, read through the fault proxy: (image, its chunks, source)."""
+    img, _layout, chunks = image
+    repo = f"fetcher/{uuid.uuid4().hex[:12]}"
+    subprocess.run([sys.executable, "-m", "naiad", "copy", f"oci:{tmp_path}/layout:t",
+                    f"docker://{registry.host}/{repo}:t"], check=True, capture_output=True, env=os.environ)
+    source = RegistrySource(parse_reference(f"{fault_proxy.host}/{repo}:t"), RegistryOptions())
+    yield img, chunks, source
+    source.close()
+
+
+def test_a_reader_is_answered_before_the_read_ahead_behind_its_chunk_arrives(
+        on_registry, fault_proxy, tmp_path: Path) -> None:
+    img, chunks, source = on_registry
+    asked = chunks[0]
+    cache = ChunkCache(str(tmp_path / "cache"))
+    fetcher = ChunkFetcher(img.bootstrap, source, cache, amplify=1 << 20)
+    release = threading.Event()
+    # The response stops right after the asked chunk's bytes, until released.
+    fault_proxy.stall_next(after=asked.csize, release=release)
+    pool = ThreadPoolExecutor(1)
+    try:
+        [data] = pool.submit(fetcher.read, [asked]).result(timeout=10)
+        assert hashlib.sha256(data).digest() == asked.digest
+        assert not any(cache.contains(c.digest) for c in chunks[1:])  # still on their way
+    finally:
+        release.set()
+        pool.shutdown()
+    fetcher.close()
+    for c in chunks:
+        assert hashlib.sha256(cache.get(c.digest) or b"").digest() == c.digest, c
+    assert [s.fault for s in fault_proxy.requests("GET", "/blobs/")] == ["stall"]  # one request for all
+    cache.close()
+
+
+def test_read_ahead_cut_off_after_the_head_is_fetched_again(on_registry, fault_proxy, tmp_path: Path) -> None:
+    img, chunks, source = on_registry
+    asked = chunks[0]
+    cache = ChunkCache(str(tmp_path / "cache"))
+    fetcher = ChunkFetcher(img.bootstrap, source, cache, amplify=1 << 20)
+    fault_proxy.drop_next(after=asked.csize + 1000)  # the connection dies inside the next chunk
+    [data] = fetcher.read([asked])
+    assert hashlib.sha256(data).digest() == asked.digest
+    fetcher.close()
+    for c in chunks:
+        assert hashlib.sha256(cache.get(c.digest) or b"").digest() == c.digest, c
+    assert [s.fault for s in fault_proxy.requests("GET", "/blobs/")] == ["drop", None]
+    assert fetcher.stats.errors == 0
     cache.close()

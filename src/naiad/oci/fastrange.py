@@ -19,6 +19,7 @@ import http.client
 import os
 import ssl
 import threading
+from collections.abc import Callable
 
 import httpx
 
@@ -59,8 +60,12 @@ class RangeConnections:
             conn.close()
             self._local.conn = None
 
-    def get(self, path: str, offset: int, size: int, authorization: str | None) -> bytes | None:
-        """Bytes [offset, offset+size) of the resource at `path`, or None to take the slow path."""
+    def get(self, path: str, offset: int, size: int, authorization: str | None,
+            head: tuple[int, Callable[[bytes], None]] | None = None) -> bytes | None:
+        """Bytes [offset, offset+size) of the resource at `path`, or None to take the slow path.
+
+        With `head` (n, on_head): on_head gets the first n bytes as soon as they are in.
+        """
         if not self.enabled:
             return None
         headers = {"Range": f"bytes={offset}-{offset + size - 1}", "Accept-Encoding": "identity",
@@ -80,7 +85,7 @@ class RangeConnections:
                     # Blobs live behind redirects (object storage): every fast try would be wasted.
                     self.enabled = False
                 return None
-            data = response.read()
+            data = response.read() if head is None else _read_head_first(response, size, *head)
         except (OSError, http.client.HTTPException):
             self._drop()
             return None
@@ -91,3 +96,31 @@ class RangeConnections:
     def close(self) -> None:
         """Close the calling thread's connection (others close when their threads end)."""
         self._drop()
+
+
+def _read_head_first(response: http.client.HTTPResponse, size: int, head: int,
+                     on_head: Callable[[bytes], None]) -> bytes:
+    """The body (at most `size` bytes), its first `head` bytes handed to `on_head` once they are in."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = _fill(response, view[:head])
+    if got == head:
+        on_head(bytes(view[:head]))
+        got += _fill(response, view[head:])
+    return bytes(view[:got])
+
+
+def _fill(response: http.client.HTTPResponse, view: memoryview) -> int:
+    """Read into `view` until it is full or the body ends; how many bytes came.
+
+    IncompleteRead if the connection ends before the body does (readinto only returns 0 then).
+    """
+    got = 0
+    while got < len(view):
+        n = response.readinto(view[got:])
+        if not n:
+            if response.length:
+                raise http.client.IncompleteRead(bytes(view[:got]), response.length)
+            break
+        got += n
+    return got

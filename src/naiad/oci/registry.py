@@ -485,15 +485,20 @@ class RegistryClient:
             raise self._error(response, what)
         return response
 
-    def read_range(self, repo: str, digest: str, offset: int, size: int) -> bytes:
-        """`size` bytes of the blob from `offset` (fewer at its end); unverified."""
+    def read_range(self, repo: str, digest: str, offset: int, size: int,
+                   head: tuple[int, Callable[[bytes], None]] | None = None) -> bytes:
+        """`size` bytes of the blob from `offset` (fewer at its end); unverified.
+
+        With `head` (n, on_head), on_head may get the first n bytes as soon as they are in
+        (storage.ranges.ReadHeadFirst): the fast path does that, a retry does not.
+        """
         if size <= 0:
             return b""
         what = self._what(f"GET blob {repo}@{digest} bytes {offset}+{size}")
         self._ensure_pinged()
         authorization = self._authorization((self._scope(repo),), what)
         url = self._url(f"/v2/{repo}/blobs/{check_digest(digest)}")  # subclasses add query parameters
-        data = self._ranges.get(url.raw_path.decode("ascii"), offset, size, authorization)
+        data = self._ranges.get(url.raw_path.decode("ascii"), offset, size, authorization, head)
         if data is not None:
             return data
         for attempt in range(1, self.retries + 1):
@@ -831,6 +836,10 @@ class RegistrySource:
 
     def read_range(self, digest: str, offset: int, size: int) -> bytes:
         return self.client.read_range(self.repo, digest, offset, size)
+
+    def read_range_head_first(self, digest: str, offset: int, size: int, head: int,
+                              on_head: Callable[[bytes], None]) -> bytes:
+        return self.client.read_range(self.repo, digest, offset, size, (head, on_head))
 
     def has_blob(self, desc: Descriptor) -> bool:
         return self.client.has_blob(self.repo, desc)

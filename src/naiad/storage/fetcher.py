@@ -5,10 +5,12 @@ Cache misses are grouped into as few range requests as possible: chunks
 adjacent in one blob become one request, and a small read may pull in the
 chunks stored after it (read amplification: `amplify` bytes, or, by
 default, as many as the link's latency and throughput make worth it, see
-storage/link.py). Concurrent
-readers of the same chunk share one fetch. Every fetched chunk is decoded
-and checked against its sha256 before it is cached or returned; a chunk
-that fails is neither, and the next read tries again.
+storage/link.py). A reader is answered once its own chunks are in and
+verified: they come first in their range, and a backend that can
+(`read_range_head_first`) hands them over before the read-ahead behind them
+has arrived. Concurrent readers of the same chunk share one fetch. Every
+fetched chunk is decoded and checked against its sha256 before it is cached
+or returned; a chunk that fails is neither, and the next read tries again.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from naiad.format.bootstrap import Blob, Bootstrap, Chunk
 from naiad.format.chunk import decode_chunk
 from naiad.storage.cache import ChunkCache
 from naiad.storage.link import LinkEstimate
-from naiad.storage.ranges import RangeReader, contiguous_runs
+from naiad.storage.ranges import RangeReader, ReadHeadFirst, contiguous_runs
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ class FetchStats:
 
 class ChunkFetcher:
     def __init__(self, bootstrap: Bootstrap, backend: RangeReader, cache: ChunkCache, *,
-                 amplify: int | None = None, workers: int = 8):
+                 amplify: int | None = None, workers: int = 16):
         self.bootstrap = bootstrap
         self.backend = backend
         self.cache = cache
@@ -75,8 +77,11 @@ class ChunkFetcher:
         self.stats = FetchStats()
         self._lock = threading.Lock()
         self._inflight: dict[bytes, Future[bytes]] = {}
+        self._settled = threading.Condition(self._lock)  # notified when _inflight empties
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="naiad-fetch")
-        self._tails = ThreadPoolExecutor(2, thread_name_prefix="naiad-decode")  # see _fetch_group
+        # A backend that hands over the head of a range before its tail has arrived (the registry's,
+        # the peer's); others return the whole range, and readers wait for it.
+        self._read_head_first: ReadHeadFirst | None = getattr(backend, "read_range_head_first", None)
         # Told the chunks each fetch has just put in the cache (verified, in their blob's own file).
         self.on_cached: Callable[[list[Chunk]], None] | None = None
 
@@ -125,13 +130,21 @@ class ChunkFetcher:
     # --- fetching ------------------------------------------------------
 
     def _fetch(self, chunks: list[Chunk], amplify: bool) -> None:
-        groups = self._plan(chunks, amplify)
+        """Start fetching `chunks`; their futures in `_inflight` tell how it went.
+
+        A range that ends with an asked chunk is fetched on the caller's thread: it waits for all
+        of it anyway. One that goes on past them (read-ahead) runs on the pool, so that the caller
+        can be answered once its own chunks are in and verified, while the rest still arrives.
+        """
         asked = frozenset(c.digest for c in chunks)
-        if len(groups) == 1:
-            self._fetch_group(*groups[0], asked)
-            return
-        for f in [self._pool.submit(self._fetch_group, *g, asked) for g in groups]:
-            f.result()
+        inline = None
+        for blob, run in self._plan(chunks, amplify):
+            if inline is None and run[-1].digest in asked:
+                inline = (blob, run)
+            else:
+                self._pool.submit(self._fetch_group, blob, run, asked)
+        if inline is not None:
+            self._fetch_group(*inline, asked)
 
     def _plan(self, chunks: list[Chunk], amplify: bool) -> list[tuple[Blob, list[Chunk]]]:
         """Merge chunks into ranges: (blob, the chunks of one contiguous range)."""
@@ -175,18 +188,42 @@ class ChunkFetcher:
         return sorted([*items, *extra.values()], key=lambda c: c.offset)
 
     def _fetch_group(self, blob: Blob, run: list[Chunk], asked: frozenset[bytes]) -> None:
+        """Fetch one range; every chunk of it ends verified in the cache, or failed, never pending."""
+        try:
+            self._fetch_range(blob, run, asked)
+        except Exception as e:  # a bug: nobody may wait forever for these chunks
+            log.exception("fetching %d chunks of %s failed", len(run), blob.digest)
+            self._fail(run, e)
+
+    def _fetch_range(self, blob: Blob, run: list[Chunk], asked: frozenset[bytes]) -> None:
         start = run[0].offset
         size = run[-1].offset + run[-1].csize - start
+        # The asked chunks come first in the range (read-ahead only adds chunks after them): their
+        # readers are answered as soon as these bytes are in, and the rest lands after.
+        last = max((i for i, c in enumerate(run) if c.digest in asked), default=len(run) - 1)
+        head = run[last].offset + run[last].csize - start
+        good: list[tuple[Chunk, bytes]] = []
+        head_done = False
+
+        def on_head(data: bytes) -> None:
+            nonlocal head_done
+            head_done = True
+            good.extend(self._decode(blob, run[:last + 1], data, start))
+
         with self._lock:
             self._active += 1
             self._started += 1
             began = (self._active, self._started)
         t0 = time.monotonic()
         try:
-            data = self.backend.read_range(blob.digest, start, size)
+            if last + 1 < len(run) and self._read_head_first is not None:
+                data = self._read_head_first(blob.digest, start, size, head, on_head)
+            else:
+                data = self.backend.read_range(blob.digest, start, size)
             if len(data) != size:
                 raise FetchError(f"blob {blob.digest}: short read ({len(data)} of {size} bytes at {start})")
         except Exception as e:
+            self._land(blob, good)  # verified before the rest of the range failed to come
             self._fail(run, e)
             return
         finally:
@@ -204,23 +241,9 @@ class ChunkFetcher:
             self.stats.latencies.append(elapsed)
             if len(self.stats.latencies) > 10000:
                 del self.stats.latencies[:5000]
-        # The asked chunks are decoded here, and their readers answered; the neighbours that only
-        # amplification brought are decoded and cached off the caller's thread, so that its
-        # reader (an app waiting on a page fault) does not wait for bytes it did not ask for.
-        last = max((i for i, c in enumerate(run) if c.digest in asked), default=len(run) - 1)
-        good = self._decode(blob, run[:last + 1], data, start)
-        if last + 1 == len(run):
-            self._land(blob, good)
-        else:
-            self._tails.submit(self._finish, blob, run[last + 1:], data, start, good)
-
-    def _finish(self, blob: Blob, run: list[Chunk], data: bytes, start: int,
-                good: list[tuple[Chunk, bytes]]) -> None:
-        try:
-            self._land(blob, good + self._decode(blob, run, data, start))
-        except Exception as e:  # a bug: nobody may wait forever for these chunks
-            log.exception("finishing a fetch from %s failed", blob.digest)
-            self._fail([*run, *(c for c, _ in good)], e)
+        if not head_done:
+            good = self._decode(blob, run[:last + 1], data, start)
+        self._land(blob, good + self._decode(blob, run[last + 1:], data, start))
 
     def _decode(self, blob: Blob, run: list[Chunk], data: bytes, start: int) -> list[tuple[Chunk, bytes]]:
         """Decode and verify `run` out of `data` (the range from `start`), answering its readers."""
@@ -256,16 +279,25 @@ class ChunkFetcher:
             self.stats.chunks_fetched += len(good)
             for c, _ in good:
                 self._inflight.pop(c.digest, None)
+            if not self._inflight:
+                self._settled.notify_all()
 
     def _fail(self, run: list[Chunk], error: Exception) -> None:
         err = error if isinstance(error, FetchError) else FetchError(str(error) or type(error).__name__)
         with self._lock:
             self.stats.errors += 1
             futs = [self._inflight.pop(c.digest, None) for c in run]
+            if not self._inflight:
+                self._settled.notify_all()
         for fut in futs:
             if fut is not None and not fut.done():
                 fut.set_exception(err)
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._tails.shutdown(wait=True)  # verified chunks on their way into the cache
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop: fetches under way get `timeout` seconds to land what they bring (mostly read-ahead
+        still arriving), not more: one may wait for a dead registry until its own timeout."""
+        self._pool.shutdown(wait=False)
+        deadline = time.monotonic() + timeout
+        with self._settled:
+            while self._inflight and (left := deadline - time.monotonic()) > 0:
+                self._settled.wait(left)

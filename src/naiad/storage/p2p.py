@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 import httpx
@@ -54,6 +54,10 @@ class PeerSource:
 
     def read_range(self, digest: str, offset: int, size: int) -> bytes:
         return self._mirror.read_range(self.repo, digest, offset, size)
+
+    def read_range_head_first(self, digest: str, offset: int, size: int, head: int,
+                              on_head: Callable[[bytes], None]) -> bytes:
+        return self._mirror.read_range(self.repo, digest, offset, size, (head, on_head))
 
     def get_manifest(self, reference: str) -> tuple[bytes, str]:
         return self.inner.get_manifest(reference)

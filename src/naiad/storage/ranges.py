@@ -7,7 +7,7 @@ hot chunks) and chunk dictionaries (copying chunks of barely used blobs).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Protocol, TypeVar
 
 from naiad.errors import NaiadError
@@ -16,9 +16,20 @@ MAX_REQUEST = 16 << 20
 
 
 class RangeReader(Protocol):
-    """A storage backend: registry, local layout, or the node's peer daemon."""
+    """A storage backend: registry, local layout, or the node's peer daemon.
+
+    A backend whose bytes come over a network may also offer `read_range_head_first`
+    (a ReadHeadFirst): the same read, which hands the range's first `head` bytes to
+    `on_head` as soon as they have arrived, before the rest has.
+    """
 
     def read_range(self, digest: str, offset: int, size: int) -> bytes: ...
+
+
+# read_range_head_first(digest, offset, size, head, on_head) -> the whole range. `on_head` is called
+# at most once, from the reading thread; if it is not (a retried request), the caller has only the
+# whole range, once it is in.
+ReadHeadFirst = Callable[[str, int, int, int, Callable[[bytes], None]], bytes]
 
 
 class Stored(Protocol):
