@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import py_compile
+import random
 import subprocess
 import tarfile
 from pathlib import Path
@@ -247,3 +249,44 @@ def test_registry_round_trip(corpus, reference_rootfs, registry, tmp_path, capsy
     # A second push sends nothing.
     again = naiad_json(capsys, "push", f"oci:{pulled}:p", f"{repo}:again")
     assert again["blobs_sent"] == 0 and again["manifest_digest"] == digest
+
+
+def _bootstrap_of(layout: Path, tag: str, tmp_path: Path) -> Bootstrap:
+    layer = _manifest(layout, tag)["layers"][-1]
+    raw = zstandard.ZstdDecompressor().stream_reader(
+        io.BytesIO((layout / "blobs/sha256" / layer["digest"][7:]).read_bytes())).read()
+    path = tmp_path / "bootstrap.db"
+    path.write_bytes(raw)
+    return Bootstrap(str(path))
+
+
+def test_checked_hash_bytecode_is_stored_right_before_its_source(tmp_path):
+    # CPython reads a checked-hash pyc and then its source, on every import: stored side by side,
+    # one read-ahead brings both. Timestamp bytecode (its source is never read) stays together
+    # in __pycache__, after the directory's files, where the canonical walk puts it.
+    root = tmp_path / "root"
+    pkg = root / "pkg"
+    pkg.mkdir(parents=True)
+    rnd = random.Random(3)
+    for name in ("checked", "stamped", "zz_filler"):
+        body = "".join(f"V{i} = {rnd.getrandbits(64)!r}\n" for i in range(3000))
+        (pkg / f"{name}.py").write_text(body)
+    for name, mode in (("checked", py_compile.PycInvalidationMode.CHECKED_HASH),
+                       ("stamped", py_compile.PycInvalidationMode.TIMESTAMP)):
+        pyc = pkg / "__pycache__" / f"{name}.cpython-311.pyc"
+        py_compile.compile(str(pkg / f"{name}.py"), cfile=str(pyc), invalidation_mode=mode, doraise=True)
+    layout = tmp_path / "built"
+    assert naiad("build", root, f"oci:{layout}:b") == 0
+    bs = _bootstrap_of(layout, "b", tmp_path)
+
+    def place(path: str) -> tuple[int, int]:
+        [chunk] = bs.file_chunks(bs.resolve(path))
+        return chunk.offset, chunk.offset + chunk.csize
+
+    assert place("/pkg/__pycache__/checked.cpython-311.pyc")[1] == place("/pkg/checked.py")[0]
+    stamped_pyc = place("/pkg/__pycache__/stamped.cpython-311.pyc")[0]
+    assert stamped_pyc > max(place(f"/pkg/{n}.py")[0] for n in ("checked", "stamped", "zz_filler"))
+    bs.close()
+    dest = tmp_path / "out"
+    assert naiad("unpack", f"oci:{layout}:b", dest) == 0
+    assert compare_trees(root, dest) == []

@@ -25,6 +25,7 @@ import zstandard
 
 from naiad.builder.chunkdict import ChunkDict
 from naiad.builder.chunks import ChunkStore
+from naiad.builder.placement import HEADER_SIZE, placement
 from naiad.builder.tree import Node, Tree
 from naiad.errors import FormatError, InvalidLayerError
 from naiad.format import spec
@@ -100,10 +101,10 @@ def assemble(
             for desc in dict_descs:
                 copy_blob(chunk_dict.source_of(desc.digest), layout, desc)
 
-    # Which blob holds each chunk: the lowest layer that has it, in first-use order.
+    # Which blob holds each chunk: the lowest layer that has it, in first-use order of the layout.
     home: dict[bytes, int] = {}
     per_blob: list[list[bytes]] = [[] for _ in layer_chunks]
-    for _path, _parent, node in order:
+    for node in placement(order, lambda n: _first_bytes(store, n)):
         for digest in node.chunks:
             if digest not in home and digest not in chunk_ids:
                 layer = next(i for i, s in enumerate(layer_chunks) if digest in s)
@@ -151,6 +152,14 @@ def assemble(
                                                          annotations)
     files = len({id(n) for _, _, n in order if stat.S_ISREG(n.mode)})
     return BuildResult(manifest_digest, manifest, blob_descs, bootstrap, files, store.bytes_in, dict_descs)
+
+
+def _first_bytes(store: ChunkStore, node: Node) -> bytes | None:
+    """A file's first bytes, from its first chunk, if this build stores it (not a dictionary)."""
+    if not node.chunks or node.chunks[0] not in store.chunks:
+        return None
+    data, stored = store.read_stored(node.chunks[0])
+    return store.codec.decompress(data, stored.usize)[:HEADER_SIZE]
 
 
 def _reference_dict(order: list[tuple[bytes, Node, Node]], store: ChunkStore, chunk_dict: ChunkDict,
