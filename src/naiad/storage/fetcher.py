@@ -204,17 +204,20 @@ class ChunkFetcher:
         head = run[last].offset + run[last].csize - start
         good: list[tuple[Chunk, bytes]] = []
         head_done = False
-
-        def on_head(data: bytes) -> None:
-            nonlocal head_done
-            head_done = True
-            good.extend(self._decode(blob, run[:last + 1], data, start))
-
         with self._lock:
             self._active += 1
             self._started += 1
             began = (self._active, self._started)
         t0 = time.monotonic()
+
+        def on_head(data: bytes) -> None:
+            nonlocal head_done
+            head_done = True
+            # The head's arrival is a sample of its own, and often the only one alone on the link:
+            # its reader goes on meanwhile, and its next miss overlaps the rest of this range.
+            self._sample(head, time.monotonic() - t0, began)
+            good.extend(self._decode(blob, run[:last + 1], data, start))
+
         try:
             if last + 1 < len(run) and self._read_head_first is not None:
                 data = self._read_head_first(blob.digest, start, size, head, on_head)
@@ -228,13 +231,9 @@ class ChunkFetcher:
             return
         finally:
             with self._lock:
-                # Alone on the link from start to end: nothing else ran when it started, and
-                # nothing started since. Requests that share the link would blur the fit.
-                alone = began == (1, self._started)
                 self._active -= 1
         elapsed = time.monotonic() - t0
-        if alone:
-            self.link.record(size, elapsed)
+        self._sample(size, elapsed, began)
         with self._lock:
             self.stats.requests += 1
             self.stats.bytes_fetched += size
@@ -244,6 +243,15 @@ class ChunkFetcher:
         if not head_done:
             good = self._decode(blob, run[:last + 1], data, start)
         self._land(blob, good + self._decode(blob, run[last + 1:], data, start))
+
+    def _sample(self, nbytes: int, seconds: float, began: tuple[int, int]) -> None:
+        """Tell the link estimate, if this request was alone on the link so far: nothing else ran
+        when it started (`began`: requests active and started then), and nothing started since.
+        Requests that share the link would blur the fit."""
+        with self._lock:
+            alone = began == (1, self._started)
+        if alone:
+            self.link.record(nbytes, seconds)
 
     def _decode(self, blob: Blob, run: list[Chunk], data: bytes, start: int) -> list[tuple[Chunk, bytes]]:
         """Decode and verify `run` out of `data` (the range from `start`), answering its readers."""
