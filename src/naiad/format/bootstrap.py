@@ -196,11 +196,12 @@ class BootstrapWriter:
 
 @dataclasses.dataclass(frozen=True)
 class ChunkMove:
-    """A chunk's new home (for relayout): blob id, offset and uncompressed offset there."""
+    """A chunk's new home (for relayout): blob id, offset, stored size and uncompressed offset there."""
 
     chunk: int
     blob: int
     offset: int
+    csize: int
     uoffset: int
 
 
@@ -220,8 +221,8 @@ def rewrite(src: str, dst: str, prefetch: Iterable[tuple[int, int | None]],
         db.executemany("INSERT INTO prefetch VALUES (?,?,?)",
                        ((i, ino, foff) for i, (ino, foff) in enumerate(prefetch, 1)))
         db.executemany("INSERT INTO blobs VALUES (?,?,?,?)", new_blobs)
-        db.executemany("UPDATE chunks SET blob = ?, offset = ?, uoffset = ? WHERE id = ?",
-                       ((m.blob, m.offset, m.uoffset, m.chunk) for m in moves))
+        db.executemany("UPDATE chunks SET blob = ?, offset = ?, csize = ?, uoffset = ? WHERE id = ?",
+                       ((m.blob, m.offset, m.csize, m.uoffset, m.chunk) for m in moves))
         db.execute("DELETE FROM blobs WHERE id NOT IN (SELECT DISTINCT blob FROM chunks)")
         db.execute("COMMIT")
         db.execute("VACUUM")

@@ -20,16 +20,17 @@ ZSTD_LEVEL = 3
 
 
 class Codec:
-    def __init__(self, name: str):
+    def __init__(self, name: str, zstd_level: int = ZSTD_LEVEL):
         if name not in COMPRESSORS:
             raise FormatError(f"unknown compressor {name!r} (choose from {', '.join(COMPRESSORS)})")
         self.name = name
+        self.zstd_level = zstd_level
         self._local = threading.local()
 
     def _zstd_c(self) -> zstandard.ZstdCompressor:
         c = getattr(self._local, "zc", None)
         if c is None:
-            c = self._local.zc = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=False)
+            c = self._local.zc = zstandard.ZstdCompressor(level=self.zstd_level, write_checksum=False)
         return c
 
     def _zstd_d(self) -> zstandard.ZstdDecompressor:
