@@ -16,6 +16,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -149,4 +150,44 @@ def test_read_ahead_cut_off_after_the_head_is_fetched_again(on_registry, fault_p
         assert hashlib.sha256(cache.get(c.digest) or b"").digest() == c.digest, c
     assert [s.fault for s in fault_proxy.requests("GET", "/blobs/")] == ["drop", None]
     assert fetcher.stats.errors == 0
+    cache.close()
+
+
+class BlockingBackend:
+    """The layout's blobs, each read held until `release` is set."""
+
+    def __init__(self, source):
+        self.source = source
+        self.release = threading.Event()
+        self.reading = threading.Event()
+
+    def read_range(self, digest: str, offset: int, size: int) -> bytes:
+        self.reading.set()
+        self.release.wait(30)
+        return self.source.read_range(digest, offset, size)
+
+
+def test_close_fails_queued_fetches_and_waits_only_so_long(image, tmp_path: Path) -> None:
+    img, source, chunks = image
+    backend = BlockingBackend(source)
+    cache = ChunkCache(str(tmp_path / "cache"))
+    # One fetch thread; a read-ahead of two neighbours (so each read below goes to the fetch
+    # thread, and is a range of its own).
+    fetcher = ChunkFetcher(img.bootstrap, backend, cache, amplify=3 * max(c.csize for c in chunks),
+                           workers=1)
+    pool = ThreadPoolExecutor(2)
+    try:
+        first = pool.submit(fetcher.read, [chunks[0]])
+        assert backend.reading.wait(10)
+        queued = pool.submit(fetcher.read, [chunks[6]])  # behind the first on the one fetch thread
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        fetcher.close(timeout=0.5)
+        assert time.monotonic() - t0 < 3
+        with pytest.raises(NaiadError, match="closed"):
+            queued.result(timeout=10)
+    finally:
+        backend.release.set()
+        pool.shutdown()
+    assert hashlib.sha256(first.result()[0]).digest() == chunks[0].digest  # under way: it finished
     cache.close()

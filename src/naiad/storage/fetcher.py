@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -142,7 +143,8 @@ class ChunkFetcher:
             if inline is None and run[-1].digest in asked:
                 inline = (blob, run)
             else:
-                self._pool.submit(self._fetch_group, blob, run, asked)
+                self._pool.submit(self._fetch_group, blob, run, asked).add_done_callback(
+                    functools.partial(self._fail_if_cancelled, run))
         if inline is not None:
             self._fetch_group(*inline, asked)
 
@@ -186,6 +188,10 @@ class ChunkFetcher:
                     self._inflight[n.digest] = Future()
                 extra[n.digest] = n
         return sorted([*items, *extra.values()], key=lambda c: c.offset)
+
+    def _fail_if_cancelled(self, run: list[Chunk], fetch: Future[None]) -> None:
+        if fetch.cancelled():  # queued when close() came: its readers must not wait forever
+            self._fail(run, FetchError("the fetcher is closed"))
 
     def _fetch_group(self, blob: Blob, run: list[Chunk], asked: frozenset[bytes]) -> None:
         """Fetch one range; every chunk of it ends verified in the cache, or failed, never pending."""
@@ -303,8 +309,9 @@ class ChunkFetcher:
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop: fetches under way get `timeout` seconds to land what they bring (mostly read-ahead
-        still arriving), not more: one may wait for a dead registry until its own timeout."""
-        self._pool.shutdown(wait=False)
+        still arriving), not more: one may wait for a dead registry until its own timeout. Fetches
+        still queued fail at once."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
         deadline = time.monotonic() + timeout
         with self._settled:
             while self._inflight and (left := deadline - time.monotonic()) > 0:
