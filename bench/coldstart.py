@@ -308,8 +308,7 @@ def run_workload(ctx: Context, wl: Workload, networks: Sequence[int | None]) -> 
                             try:
                                 results = methods[name](work)
                             finally:
-                                cleanup_mounts(work)
-                                shutil.rmtree(work, ignore_errors=True)
+                                remove_tree(work)
                             for s in results:
                                 s.network = rate
                                 samples.append(s)
@@ -495,6 +494,9 @@ def naiad_snapshotter(the_lab: Lab, work: Path) -> Iterator[str]:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        # Its mount daemons outlive it (their own sessions, by design) and write their stats every
+        # second: stopped here, or removing `work` races them.
+        stop_mount_daemons(home)
 
 
 def measure_naiad(the_lab: Lab, wl: Workload, ref: str, use_run: bool, work: Path, method: str,
@@ -570,8 +572,7 @@ def run_swarms(ctx: Context, wl: Workload, networks: Sequence[int | None], tmp: 
                     try:
                         swarm = measure_swarm(cl, wl, ref, work, peers)
                     finally:
-                        cleanup_mounts(work)
-                        shutil.rmtree(work, ignore_errors=True)
+                        remove_tree(work)
                     swarm.network = rate
                     swarms.append(swarm)
                     ctx.log(f"  {rate_name(rate)}, rep {rep + 1}/{ctx.reps}: {nodes} nodes "
@@ -723,6 +724,42 @@ def naiad_umount(mnt: Path, env: dict[str, str]) -> None:
     r = run_measured(naiad_argv("umount", str(mnt)), env=env, check=False)
     if r.returncode != 0 or os.path.ismount(mnt):
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def stop_mount_daemons(home: Path) -> None:
+    """SIGTERM the mount daemons of NAIAD_HOME `home` (those with a state.json) and wait for them."""
+    pids = []
+    for state in home.glob("mounts/*/state.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError, ProcessLookupError):
+            pid = int(json.loads(state.read_text())["pid"])
+            os.kill(pid, signal.SIGTERM)
+            pids.append(pid)
+    deadline = time.monotonic() + 15
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not: init reaps orphans when it gets to them)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def remove_tree(path: Path) -> None:
+    """Detach what is mounted below `path` and remove it; a file a dying process still writes
+    makes rmtree fail now and then, so it is tried again for a while before giving up."""
+    deadline = time.monotonic() + 20
+    while True:
+        cleanup_mounts(path)
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        if time.monotonic() > deadline:
+            left = sorted(str(p) for p in path.rglob("*"))[:5]
+            raise BenchError(f"cannot remove {path}: {', '.join(left) or 'it stays'}")
+        time.sleep(0.2)
 
 
 def cleanup_mounts(under: Path) -> None:
