@@ -24,6 +24,10 @@ content and caches are removed and the page cache dropped (`sync; echo 3 >
   not built.
 - `naiad-lazy`: `naiad run --plain-http REG/REPO:v1-naiad` (a runc container
   on an overlay of the lazy mount) when `naiad run` exists; else the mount path:
+- `naiad-mountd`: `naiad run` as above with `naiad mountd` resident in the node
+  (started untimed before the page cache is dropped, as containerd is for
+  `oci`): the mount daemon is forked from it, its code already loaded, instead
+  of a new Python process.
 - `naiad-mount`: `naiad mount --plain-http REF MNT` and the entrypoint run
   chrooted (below) on an overlayfs (lower: the read-only lazy mount; upper: a
   temp dir); with `naiad stats` of the mount. Measured beside `naiad run` too,
@@ -99,14 +103,15 @@ AFTER_READY_TIMEOUT = 60.0  # how long the app may keep running after its ready 
 STATS_SETTLE = 1.2  # naiad mount daemons refresh stats.json every second
 SNAPSHOTTER_START_TIMEOUT = 30.0  # seconds for `naiad snapshotter` to make its socket
 
-METHODS = ("oci", "naiad-containerd", "naiad-lazy", "naiad-mount", "naiad-mount-fuse", "naiad-optimized",
-           "floor-warm", "floor-cold")
+METHODS = ("oci", "naiad-containerd", "naiad-lazy", "naiad-mountd", "naiad-mount", "naiad-mount-fuse",
+           "naiad-optimized", "floor-warm", "floor-cold")
 RUN_LABEL = "`naiad run`"
 MOUNT_LABEL = "`naiad mount` + chroot on overlayfs"
 LABELS = {
     "oci": "oci: containerd, overlayfs: `ctr image pull` + `ctr run --rm`",
     "naiad-containerd": "naiad-containerd: `ctr-remote image rpull` + `ctr run`, naiad snapshotter",
     "naiad-lazy": "naiad-lazy: {how}",
+    "naiad-mountd": "naiad-mountd: `naiad run`, its mount daemon forked by a resident `naiad mountd`",
     "naiad-mount": f"naiad-mount: {MOUNT_LABEL} (no runc; for its stats)",
     "naiad-mount-fuse": "naiad-mount-fuse: the same with `--mode fuse` (Python serves the whole tree)",
     "naiad-optimized": "naiad-optimized: {how} of the optimized image",
@@ -114,8 +119,8 @@ LABELS = {
     "floor-cold": "floor-cold: the same after drop_caches",
 }
 # What `--methods` selects: METHODS' names (floor: both floor rows) and the N-node one.
-SELECTABLE = ("oci", "naiad-containerd", "naiad-lazy", "naiad-mount", "naiad-mount-fuse", "naiad-optimized",
-              "floor", "naiad-p2p")
+SELECTABLE = ("oci", "naiad-containerd", "naiad-lazy", "naiad-mountd", "naiad-mount", "naiad-mount-fuse",
+              "naiad-optimized", "floor", "naiad-p2p")
 P2P_NODES, P2P_NODES_QUICK = 4, 2  # nodes starting the image at once in naiad-p2p (`--p2p-nodes`)
 SWARM_LABELS = {
     True: "naiad-p2p: `naiad run --p2p-proxy` through each node's peer",
@@ -282,6 +287,9 @@ def run_workload(ctx: Context, wl: Workload, networks: Sequence[int | None]) -> 
                                                            "naiad-lazy")],
                     "floor": lambda w: measure_floor(the_lab, wl, floor_root),
                 }
+                if setup.use_run and has_command("mountd"):
+                    methods["naiad-mountd"] = lambda w: [measure_naiad(the_lab, wl, setup.naiad_ref, True, w,
+                                                                       "naiad-mountd", mountd=True)]
                 if setup.use_snapshotter:
                     methods["naiad-containerd"] = lambda w: [
                         measure_containerd(the_lab, wl, setup.naiad_ref, w, "naiad-containerd")]
@@ -500,17 +508,21 @@ def naiad_snapshotter(the_lab: Lab, work: Path) -> Iterator[str]:
 
 
 def measure_naiad(the_lab: Lab, wl: Workload, ref: str, use_run: bool, work: Path, method: str,
-                  mount_options: Sequence[str] = ()) -> Sample:
+                  mount_options: Sequence[str] = (), mountd: bool = False) -> Sample:
     home = work / "home"
     home.mkdir()
     env = {**os.environ, "NAIAD_HOME": str(home)}
+    if use_run:
+        with resident_mountd(the_lab, env) if mountd else contextlib.nullcontext():
+            drop_caches()
+            tx0 = the_lab.registry_tx_bytes()
+            start = time.perf_counter()
+            t_ready = until_ready(the_lab.node_argv(naiad_argv("run", "--plain-http", ref)), env, wl.ready)
+            tx1 = the_lab.registry_tx_bytes()
+        return Sample(method, None, t_ready - start, {}, tx1 - tx0, tx1 - tx0)
+
     drop_caches()
     tx0 = the_lab.registry_tx_bytes()
-    if use_run:
-        start = time.perf_counter()
-        t_ready = until_ready(the_lab.node_argv(naiad_argv("run", "--plain-http", ref)), env, wl.ready)
-        tx1 = the_lab.registry_tx_bytes()
-        return Sample(method, None, t_ready - start, {}, tx1 - tx0, tx1 - tx0)
 
     mnt, upper, wdir, root = work / "mnt", work / "upper", work / "ovl-work", work / "root"
     for d in (mnt, upper, wdir, root):
@@ -532,6 +544,23 @@ def measure_naiad(the_lab: Lab, wl: Workload, ref: str, use_run: bool, work: Pat
         naiad_umount(mnt, env)
     return Sample(method, None, t_ready - start, {"mount": mount.wall, "run": t_ready - start - mount.wall},
                   tx1 - tx0, tx2 - tx0, stats, daemon_cpu, background)
+
+
+@contextlib.contextmanager
+def resident_mountd(the_lab: Lab, env: dict[str, str]) -> Iterator[None]:
+    """`naiad mountd` in the node namespace on NAIAD_HOME env's, started untimed (a node daemon, as
+    containerd is for oci) and stopped afterwards; the daemons it forked are stopped by their runs."""
+    proc = subprocess.Popen(the_lab.node_argv(naiad_argv("mountd")), env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    try:
+        line = proc.stderr.readline()
+        if not line.startswith("naiad mountd: serving"):
+            raise BenchError(f"`naiad mountd` did not start: {line.strip() or proc.wait(10)}")
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(15)
 
 
 def measure_floor(the_lab: Lab, wl: Workload, rootfs: Path) -> list[Sample]:

@@ -366,6 +366,14 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mountd(args: argparse.Namespace) -> int:
+    from naiad.fs import mountd
+
+    mountd.serve(lambda: print(f"naiad mountd: serving on {mountd.socket_path()}", file=sys.stderr,
+                               flush=True))
+    return 0
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
     from naiad.fs.daemon import umount
 
@@ -621,6 +629,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--notify-fd", type=int, help=argparse.SUPPRESS)
     _add_p2p_proxy(p)
     p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("mountd", help="keep mount daemons' code loaded, so that they start at once",
+                       description="Serve on $NAIAD_HOME/mountd.sock until SIGTERM or Ctrl-C: every naiad "
+                       "command that mounts (mount, run, the snapshotter) asks it to fork the mount daemon "
+                       "from this process, whose code is loaded already, instead of starting a new Python "
+                       "process (0.5-0.7 s on a cold page cache). Daemons it forked keep running when it "
+                       "stops. Restart it after upgrading naiad.")
+    p.set_defaults(func=cmd_mountd)
 
     p = sub.add_parser("umount", help="unmount a naiad mount", description="Unmount a naiad mount "
                        "and stop its daemon.")

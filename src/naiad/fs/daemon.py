@@ -3,7 +3,8 @@
 `spawn()` starts `naiad mount --foreground` as a process of its own (so it
 outlives the command that started it, and later the snapshotter) and waits
 until the filesystem is up or reports why not; `start()` returns at once,
-so that its caller can work while the daemon comes up, and waits later. The daemon writes
+so that its caller can work while the daemon comes up, and waits later. A
+running `naiad mountd` (fs/mountd.py) forks the daemon, already imported. The daemon writes
 `state.json` (pid, ref, mountpoint), refreshes `stats.json` every second,
 and writes `trace.json` (files in first-read order) when it stops. SIGTERM
 and SIGINT unmount cleanly. In kernel mode (`state.json` says `"mode":
@@ -87,8 +88,9 @@ def is_mounted(path: str) -> bool:
 class Starting:
     """A mount daemon on its way up. `wait()` returns its pid once it is mounted."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], pipe: int, log_path: str):
-        self.proc, self._pipe, self.log_path = proc, pipe, log_path
+    def __init__(self, pid: int, proc: subprocess.Popen[bytes] | None, pipe: int, log_path: str):
+        # `proc` if this process started it; a daemon forked by mountd is not our child.
+        self.pid, self._proc, self._pipe, self.log_path = pid, proc, pipe, log_path
 
     def wait(self, timeout: float = READY_TIMEOUT) -> int:
         """Wait until the daemon is mounted (its pid) or has failed (NaiadError: its reason)."""
@@ -101,28 +103,42 @@ class Starting:
                     break
                 buf += line
                 if line.startswith(b"ready"):
-                    return self.proc.pid
+                    return self.pid
         with contextlib.suppress(ProcessLookupError):
-            self.proc.terminate()
+            os.kill(self.pid, signal.SIGTERM)
         message = buf.decode(errors="replace").strip().removeprefix("error: ")
         if not message:
-            message = f"mount daemon exited (status {self.proc.wait()}); see {self.log_path}"
+            status = f"status {self._proc.wait()}" if self._proc is not None else "forked by mountd"
+            message = f"mount daemon exited ({status}); see {self.log_path}"
         raise NaiadError(message)
 
 
 def start(argv: list[str], mountpoint: str) -> Starting:
     """Start `naiad mount --foreground` ARGV as a daemon, and return at once: whoever started it
-    can do other work while it imports, fetches the bootstrap and mounts."""
+    can do other work while it imports, fetches the bootstrap and mounts. A running `naiad mountd`
+    forks it (fs/mountd.py), else it is a new process."""
+    from naiad.fs import mountd
+
     os.makedirs(state_dir(mountpoint), exist_ok=True)
     log_path = os.path.join(state_dir(mountpoint), "daemon.log")
     r, w = os.pipe()
-    with open(log_path, "ab") as logf:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "naiad", "mount", "--foreground", "--notify-fd", str(w), *argv],
-            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,), start_new_session=True,
-        )
-    os.close(w)
-    return Starting(proc, r, log_path)
+    try:
+        with open(log_path, "ab") as logf:
+            pid = mountd.fork_daemon(argv, w, logf.fileno())
+            proc = None
+            if pid is None:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "naiad", "mount", "--foreground", "--notify-fd", str(w), *argv],
+                    stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
+                    start_new_session=True,
+                )
+                pid = proc.pid
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    return Starting(pid, proc, r, log_path)
 
 
 def spawn(argv: list[str], mountpoint: str, timeout: float = READY_TIMEOUT) -> int:

@@ -332,6 +332,7 @@ class _RunDir:
     container_started: bool = False
     terminal: bool = False
     daemon_spawned: bool = False
+    daemon_pid: int | None = None  # of the mount daemon this run started
     trace_to: str | None = None
 
     @classmethod
@@ -376,7 +377,9 @@ class _RunDir:
         self.daemon_spawned = True
         # Credentials go through the environment, not the daemon's command line (ps shows that).
         with _env("NAIAD_CREDS", options.registry.creds):
-            return daemon.start(argv, self.lower)
+            starting = daemon.start(argv, self.lower)
+        self.daemon_pid = starting.pid
+        return starting
 
     def mount_overlay(self) -> None:
         upper, work = os.path.join(self.path, "upper"), os.path.join(self.path, "work")
@@ -441,9 +444,13 @@ class _RunDir:
                     daemon.umount(self.lower)
                 except NaiadError as e:
                     problems.append(str(e))
-            # A daemon still starting up (setup was interrupted) has no state yet: find it by its
-            # mount point, which is unique to this run, and stop it.
-            for pid in _daemons_for(self.lower):
+            # A daemon still starting up (setup was interrupted) has no state yet: stop it by its
+            # pid, or, for a stale run, find it by its mount point (unique to the run) in its
+            # command line. (A daemon `naiad mountd` forked has mountd's: only the pid finds it.)
+            pids = set(_daemons_for(self.lower))
+            if self.daemon_pid is not None and daemon.pid_alive(self.daemon_pid):
+                pids.add(self.daemon_pid)
+            for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
                 _wait_gone(pid, 10.0)
