@@ -26,6 +26,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import traceback
 from typing import Any
 
@@ -82,6 +83,8 @@ def serve(ready: Any = None) -> None:
     """
     for module in ("naiad.cli", "naiad.fs.mount"):  # the point of mountd: loaded once, before any fork
         importlib.import_module(module)
+    if threading.active_count() != 1:  # a thread holding a lock at fork would leave it held in a daemon
+        raise NaiadError(f"naiad mountd cannot fork safely: {threading.active_count()} threads run")
 
     path = socket_path()
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
