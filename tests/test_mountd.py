@@ -61,6 +61,7 @@ def test_mountd_forks_the_daemon_and_it_is_an_ordinary_one(node: Node, mountd: M
     assert os.getsid(pid) == pid  # a session of its own
     for path, data in files.items():
         assert (mnt / path).read_bytes() == data
+    assert "rootfs" in node.state(mnt, "image-config.json")  # the OCI config, for `naiad run`
     # It outlives mountd, and `naiad umount` stops it as any other.
     mountd.stop()
     assert not mountd.sock.exists()

@@ -5,6 +5,7 @@ outlives the command that started it, and later the snapshotter) and waits
 until the filesystem is up or reports why not; `start()` returns at once,
 so that its caller can work while the daemon comes up, and waits later. A
 running `naiad mountd` (fs/mountd.py) forks the daemon, already imported. The daemon writes
+`image-config.json` (the image's OCI config, for `naiad run`) and
 `state.json` (pid, ref, mountpoint), refreshes `stats.json` every second,
 and writes `trace.json` (files in first-read order) when it stops. SIGTERM
 and SIGINT unmount cleanly. In kernel mode (`state.json` says `"mode":
@@ -33,6 +34,7 @@ from naiad.paths import naiad_home
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT = 300.0
+IMAGE_CONFIG = "image-config.json"  # in the state dir: the mounted image's OCI config, before "ready"
 
 
 def state_dir(mountpoint: str) -> str:

@@ -43,7 +43,7 @@ from naiad.format.bootstrap import Bootstrap, Chunk
 from naiad.format.erofs import erofs_image
 from naiad.fs import kernel
 from naiad.fs.blobfs import BlobFS
-from naiad.fs.daemon import is_mounted, state_dir, write_json
+from naiad.fs.daemon import IMAGE_CONFIG, is_mounted, state_dir, write_json
 from naiad.fs.fusewire import FuseWireServer
 from naiad.oci.image import Platform, RegistryOptions, source_for
 from naiad.oci.reference import Reference
@@ -171,6 +171,7 @@ def serve(ref: Reference, mountpoint: str, registry: RegistryOptions, options: M
         raise NaiadError(f"mount mode {options.mode!r} is not one of {', '.join(MODES)}")
     with source_for(ref, registry) as inner, via_peer(inner, ref, registry) as source:
         img = NaiadImage.open(source, options.platform)
+        write_json(os.path.join(state, IMAGE_CONFIG), img.image.config)
         cache = ChunkCache()
         fetcher = ChunkFetcher(img.bootstrap, source, cache, amplify=options.amplify)
         image = _kernel_image(img, state, options.mode)
