@@ -2,9 +2,9 @@
 
 `spawn()` starts `naiad mount --foreground` as a process of its own (so it
 outlives the command that started it, and later the snapshotter) and waits
-until the filesystem is up or reports why not; `start()` returns at once,
-so that its caller can work while the daemon comes up, and waits later. A
-running `naiad mountd` (fs/mountd.py) forks the daemon, already imported. The daemon writes
+until the filesystem is up or reports why not; `start()` returns at once
+with the daemon's pid, and `wait()` waits later. A running `naiad mountd`
+(fs/mountd.py) forks the daemon, its code already imported. The daemon writes
 `image-config.json` (the image's OCI config, for `naiad run`) and
 `state.json` (pid, ref, mountpoint), refreshes `stats.json` every second,
 and writes `trace.json` (files in first-read order) when it stops. SIGTERM
@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 from naiad.errors import NaiadError
+from naiad.fs import mountd
 from naiad.paths import naiad_home
 
 log = logging.getLogger(__name__)
@@ -116,11 +117,9 @@ class Starting:
 
 
 def start(argv: list[str], mountpoint: str) -> Starting:
-    """Start `naiad mount --foreground` ARGV as a daemon, and return at once: whoever started it
-    can do other work while it imports, fetches the bootstrap and mounts. A running `naiad mountd`
+    """Start `naiad mount --foreground` ARGV as a daemon, and return at once: its pid is known
+    before it is up (a caller interrupted while it comes up can stop it). A running `naiad mountd`
     forks it (fs/mountd.py), else it is a new process."""
-    from naiad.fs import mountd
-
     os.makedirs(state_dir(mountpoint), exist_ok=True)
     log_path = os.path.join(state_dir(mountpoint), "daemon.log")
     r, w = os.pipe()

@@ -136,19 +136,19 @@ def _answer(conn: socket.socket, listener: socket.socket) -> None:
     _pid, uid, _ = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
     if uid != os.getuid():
         return
-    msg, fds, _flags, _addr = socket.recv_fds(conn, _REQUEST_MAX, 2)
+    fds: list[int] = []
     try:
+        # A caller that hangs up mid-request costs it its answer, not mountd its life.
+        msg, fds, _flags, _addr = socket.recv_fds(conn, _REQUEST_MAX, 2)
         if len(fds) != 2:
             return
-        request = json.loads(msg)
-        pid = _fork(request, fds[0], fds[1], [conn, listener])
+        pid = _fork(json.loads(msg), fds[0], fds[1], [conn, listener])
+        conn.send(json.dumps({"pid": pid}).encode())
     except (ValueError, KeyError, TypeError, OSError) as e:
         print(f"naiad mountd: bad request: {e}", file=sys.stderr)
-        return
     finally:
         for fd in fds:
             os.close(fd)
-    conn.send(json.dumps({"pid": pid}).encode())
 
 
 def _fork(request: dict, notify_fd: int, log_fd: int, sockets: list[socket.socket]) -> int:

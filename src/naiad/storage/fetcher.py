@@ -143,8 +143,12 @@ class ChunkFetcher:
             if inline is None and run[-1].digest in asked:
                 inline = (blob, run)
             else:
-                self._pool.submit(self._fetch_group, blob, run, asked).add_done_callback(
-                    functools.partial(self._fail_if_cancelled, run))
+                try:
+                    fetch = self._pool.submit(self._fetch_group, blob, run, asked)
+                except RuntimeError:  # close() came first
+                    self._fail(run, FetchError("the fetcher is closed"))
+                    continue
+                fetch.add_done_callback(functools.partial(self._fail_if_cancelled, run))
         if inline is not None:
             self._fetch_group(*inline, asked)
 
