@@ -25,6 +25,7 @@ import zstandard
 
 from naiad.builder.chunkdict import ChunkDict
 from naiad.builder.chunks import ChunkStore
+from naiad.builder.hints import Hint, access_hints
 from naiad.builder.placement import HEADER_SIZE, placement
 from naiad.builder.tree import Node, Tree
 from naiad.errors import FormatError, InvalidLayerError
@@ -104,7 +105,8 @@ def assemble(
     # Which blob holds each chunk: the lowest layer that has it, in first-use order of the layout.
     home: dict[bytes, int] = {}
     per_blob: list[list[bytes]] = [[] for _ in layer_chunks]
-    for node in placement(order, lambda n: _first_bytes(store, n)):
+    reader = _FileReader(store)
+    for node in placement(order, lambda n: reader(n, 0, HEADER_SIZE)):
         for digest in node.chunks:
             if digest not in home and digest not in chunk_ids:
                 layer = next(i for i, s in enumerate(layer_chunks) if digest in s)
@@ -144,6 +146,7 @@ def assemble(
             writer.add_blobs(blob_rows)
             writer.add_chunks(chunk_rows)
             writer.set_prefetch((inos[id(n)], None) for p in prefetch if (n := _prefetch_node(tree, p)))
+            writer.add_hints(_hint_rows(access_hints(tree.root, order, reader), inos, chunk_ids))
             writer.finish()
         except BaseException:
             writer.abort()
@@ -154,12 +157,45 @@ def assemble(
     return BuildResult(manifest_digest, manifest, blob_descs, bootstrap, files, store.bytes_in, dict_descs)
 
 
-def _first_bytes(store: ChunkStore, node: Node) -> bytes | None:
-    """A file's first bytes, from its first chunk, if this build stores it (not a dictionary)."""
-    if not node.chunks or node.chunks[0] not in store.chunks:
-        return None
-    data, stored = store.read_stored(node.chunks[0])
-    return store.codec.decompress(data, stored.usize)[:HEADER_SIZE]
+class _FileReader:
+    """Byte ranges of files this build stores (not those whose chunks a dictionary holds)."""
+
+    def __init__(self, store: ChunkStore):
+        self.store = store
+        self._last: tuple[bytes, bytes] | None = None  # the chunk read last: ELF parsing rereads it
+
+    def __call__(self, node: Node, offset: int, size: int) -> bytes | None:
+        cs = self.store.chunk_size
+        end = min(offset + size, node.size)
+        parts = []
+        for i in range(offset // cs, -(-end // cs)):
+            parts.append(self._chunk(node.chunks[i]))
+            if parts[-1] is None:
+                return None
+        data = b"".join(parts)  # type: ignore[arg-type]
+        skip = offset - offset // cs * cs
+        return data[skip: skip + end - offset]
+
+    def _chunk(self, digest: bytes) -> bytes | None:
+        if self._last is not None and self._last[0] == digest:
+            return self._last[1]
+        if digest not in self.store.chunks:
+            return None
+        data, stored = self.store.read_stored(digest)
+        chunk = self.store.codec.decompress(data, stored.usize)
+        self._last = (digest, chunk)
+        return chunk
+
+
+def _hint_rows(hints: list[Hint], inos: dict[int, int], chunk_ids: dict[bytes, int]
+               ) -> list[tuple[int, int, int, int, int]]:
+    """Bootstrap rows of `hints`, keyed by the trigger's first chunk; a target once per trigger."""
+    rows: dict[int, dict[tuple[int, int], int]] = {}
+    for trigger, target, offset, size in hints:
+        per = rows.setdefault(chunk_ids[trigger.chunks[0]], {})
+        per.setdefault((inos[id(target)], offset), size)
+    return sorted((chunk, seq, ino, offset, size) for chunk, per in rows.items()
+                  for seq, ((ino, offset), size) in enumerate(per.items()))
 
 
 def _reference_dict(order: list[tuple[bytes, Node, Node]], store: ChunkStore, chunk_dict: ChunkDict,

@@ -41,7 +41,7 @@ def placement(order: Sequence[tuple[bytes, Node, Node]],
         if m is None:
             continue
         source = m[1] + b"/" + m[2] + b".py"
-        if source in files and _checked_hash(header(node)):
+        if source in files and checked_hash(header(node)):
             before.setdefault(source, []).append(node)
             moved.add(id(node))
     for path, _parent, node in order:
@@ -51,6 +51,7 @@ def placement(order: Sequence[tuple[bytes, Node, Node]],
         yield node
 
 
-def _checked_hash(header: bytes | None) -> bool:
+def checked_hash(header: bytes | None) -> bool:
+    """Whether a pyc header is PEP 552 checked-hash bytecode, whose import reads the source too."""
     return header is not None and len(header) >= 8 and (
         int.from_bytes(header[4:8], "little") & _CHECKED_HASH == _CHECKED_HASH)

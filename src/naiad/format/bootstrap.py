@@ -78,6 +78,14 @@ CREATE TABLE file_chunks (
     PRIMARY KEY (ino, foffset)
 ) WITHOUT ROWID;
 CREATE TABLE prefetch (seq INTEGER PRIMARY KEY, ino INTEGER NOT NULL, foffset INTEGER);
+CREATE TABLE hints (
+    chunk INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    ino INTEGER NOT NULL,
+    foffset INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    PRIMARY KEY (chunk, seq)
+) WITHOUT ROWID;
 """
 
 
@@ -179,6 +187,10 @@ class BootstrapWriter:
         self._db.executemany("INSERT INTO prefetch VALUES (?,?,?)",
                              ((i, ino, foff) for i, (ino, foff) in enumerate(entries, 1)))
 
+    def add_hints(self, rows: Iterable[tuple[int, int, int, int, int]]) -> None:
+        """Rows of (trigger chunk id, seq, target ino, foffset, size); size -1 means to the end."""
+        self._db.executemany("INSERT INTO hints VALUES (?,?,?,?,?)", rows)
+
     def set_meta(self, key: str, value: str) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
@@ -264,6 +276,11 @@ class Bootstrap:
             raise FormatError(f"{path}: bootstrap from a pre-release naiad (old schema); reconvert")
         self.meta = meta
         self.chunk_size = int(meta["chunk_size"])
+        # Bootstraps written before access hints (docs/format.md §10) have no such table.
+        self.has_hints = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'hints'").fetchone() is not None
+        if self.has_hints:
+            self.has_hints = self._db.execute("SELECT 1 FROM hints LIMIT 1").fetchone() is not None
 
     def close(self) -> None:
         self._db.close()
@@ -436,8 +453,21 @@ class Bootstrap:
                     out.append(c)
         return out
 
+    def hints_of(self, chunk_id: int) -> list[tuple[int, int, int]]:
+        """(ino, foffset, size) to fetch once the file starting with chunk `chunk_id` is read."""
+        if not self.has_hints:
+            return []
+        return self._db.execute(
+            "SELECT ino, foffset, size FROM hints WHERE chunk = ? ORDER BY seq", (chunk_id,)).fetchall()
+
+    def first_chunk(self, ino: int) -> int | None:
+        """The id of the chunk that file `ino` starts with."""
+        row = self._db.execute("SELECT chunk FROM file_chunks WHERE ino = ? AND foffset = 0",
+                               (ino,)).fetchone()
+        return row[0] if row else None
+
     def count(self, table: str) -> int:
-        if table not in ("inodes", "dentries", "chunks", "file_chunks", "blobs", "xattrs"):
+        if table not in ("inodes", "dentries", "chunks", "file_chunks", "blobs", "xattrs", "hints"):
             raise ValueError(table)
         return self._db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
 

@@ -1,0 +1,423 @@
+"""Access hints: what a lazy start will read next, predicted from the image alone (docs/format.md §10).
+
+A lazy mount without a prefetch list learns what an app needs one miss at a
+time, and every miss is a round trip the app waits for. Two kinds of files
+say much of what comes next, and both can be read at build time:
+
+* **Python modules.** The imports at a module's top level (column 0: not
+  inside a function, an `if` or a `try`) run whenever the module is
+  imported. Each names modules whose bytecode (and, for a checked-hash pyc,
+  source) the interpreter reads next, and so on down. torchapp's static
+  import closure is 25 MB, of which 0.3 MB its start never reads.
+* **ELF objects.** The dynamic loader reads an object's symbol, string, hash,
+  version and relocation tables and its writable segment, all of it, and
+  then loads its DT_NEEDED libraries the same way.
+
+A hint says: when a mount first reads file T (keyed by T's first chunk),
+fetch these bytes of file F, then follow F's own hints. The mount walks them
+depth first, which is the order an interpreter imports in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import posixpath
+import re
+import stat
+import struct
+from collections.abc import Callable, Iterator, Sequence
+
+from naiad.builder.placement import HEADER_SIZE, checked_hash
+from naiad.builder.tree import Node
+
+# (trigger file, target file, offset, size): when the trigger is first read, fetch size bytes of the
+# target from offset (size -1: to its end; 0: nothing) and then follow the target's own hints.
+Hint = tuple[Node, Node, int, int]
+# read(node, offset, size): bytes of a regular file, or None when the build does not hold them.
+Reader = Callable[[Node, int, int], "bytes | None"]
+
+MAX_SOURCE = 4 << 20  # a module bigger than this is not scanned for imports
+MAX_RANGE = 64 << 20  # no single ELF hint asks for more
+MAX_SYMLINKS = 16
+
+_IMPORT = re.compile(
+    rb"^(?:import[ \t]+(?P<names>[^\n#;]+)"
+    rb"|from[ \t]+(?P<module>\.*[\w.]*)[ \t]+import[ \t]+(?P<what>\([^)]*\)|[^\n#;]+))",
+    re.MULTILINE,
+)
+_PYTHON_LIB = re.compile(rb".*/lib/python3\.\d+")
+_SITE = re.compile(rb".*/(?:site|dist)-packages")
+
+
+def access_hints(root: Node, order: Sequence[tuple[bytes, Node, Node]], read: Reader) -> list[Hint]:
+    """The hints of the tree at `root`, whose canonical walk is `order` (path, parent, node), by trigger."""
+    image = _Image(root, order, read)
+    hints: list[Hint] = []
+    for path, _parent, node in order:
+        if not stat.S_ISREG(node.mode) or not node.chunks:
+            continue
+        if path.endswith(b".py"):
+            hints.extend((node, t, off, size) for t, off, size in image.python_hints(path))
+            # The interpreter reads the bytecode first: it leads to the source's hints (size 0: fetch
+            # nothing, follow), and fetches the source too if this bytecode makes the import read it.
+            for bytecode in image.bytecode_of(path):
+                checked = checked_hash(read(bytecode, 0, HEADER_SIZE))
+                hints.append((bytecode, node, 0, -1 if checked else 0))
+        elif _maybe_elf(path, node) and (elf := image.elf(node)) is not None:
+            hints.extend((node, node, off, size) for off, size in elf.ranges)
+            hints.extend((node, lib, 0, 1) for lib in image.needed(path, elf))
+    return hints
+
+
+@dataclasses.dataclass(slots=True)
+class _Elf:
+    machine: int
+    ranges: list[tuple[int, int]]  # (offset, size) the loader reads whole
+    needed: list[bytes]
+    runpath: list[bytes]
+
+
+class _Image:
+    """The built tree as the interpreter and the loader would look things up in it."""
+
+    def __init__(self, root: Node, order: Sequence[tuple[bytes, Node, Node]], read: Reader):
+        self.root = root
+        self.read = read
+        self._nodes: dict[bytes, Node | None] = {}
+        self._extensions: dict[int, dict[bytes, list[bytes]]] = {}
+        self._loader_dirs_of: dict[int, list[bytes]] = {}
+        # Memos: a build asks the same questions for every module that imports `os` or `torch`.
+        self._modules: dict[tuple[bytes, bytes, int], list[bytes]] = {}
+        self._reads: dict[bytes, list[tuple[Node, int]]] = {}
+        self._roots_of: dict[bytes, bytes] = {}
+        dirs = [path for path, _, node in order if node.is_dir]
+        python_libs = [d for d in dirs if _PYTHON_LIB.fullmatch(d)]
+        # Where `import x` may find x besides the importer's own root: every site and dist
+        # packages directory, the standard libraries and their lib-dynload.
+        self.roots = sorted({d for d in dirs if _SITE.fullmatch(d)} | set(python_libs)
+                            | {d + b"/lib-dynload" for d in python_libs})
+
+    # --- lookups -------------------------------------------------------
+
+    def node(self, path: bytes) -> Node | None:
+        """The node at absolute `path`, symlinks followed; ".." stops at the root, as in a chroot."""
+        if path not in self._nodes:
+            self._nodes[path] = self._walk(path)
+        return self._nodes[path]
+
+    def _walk(self, path: bytes) -> Node | None:
+        todo = [p for p in reversed(path.split(b"/")) if p]
+        stack = [self.root]
+        hops = 0
+        while todo:
+            part = todo.pop()
+            if part == b"..":
+                if len(stack) > 1:
+                    stack.pop()
+                continue
+            children = stack[-1].children
+            child = children.get(part) if children is not None and part != b"." else stack[-1]
+            if child is None:
+                return None
+            if stat.S_ISLNK(child.mode):
+                hops += 1
+                if hops > MAX_SYMLINKS or not child.target:
+                    return None
+                if child.target.startswith(b"/"):
+                    stack = [self.root]
+                todo.extend(p for p in reversed(child.target.split(b"/")) if p)
+            elif child is not stack[-1]:
+                stack.append(child)
+        return stack[-1]
+
+    def _file(self, path: bytes) -> Node | None:
+        node = self.node(path)
+        return node if node is not None and stat.S_ISREG(node.mode) else None
+
+    # --- Python --------------------------------------------------------
+
+    def python_hints(self, path: bytes) -> list[tuple[Node, int, int]]:
+        """What importing the module at `path` reads next: its top-level imports, in order."""
+        node = self._file(path)
+        source = self.read(node, 0, node.size) if node is not None and node.size <= MAX_SOURCE else None
+        if not source:
+            return []
+        out: list[tuple[Node, int, int]] = []
+        seen: set[int] = set()
+        for module_file in self._imported_files(path, source):
+            for target, size in self._module_reads(module_file):
+                if id(target) not in seen:
+                    seen.add(id(target))
+                    out.append((target, 0, size))
+        return out
+
+    def _imported_files(self, path: bytes, source: bytes) -> Iterator[bytes]:
+        package = posixpath.dirname(path)
+        for m in _IMPORT.finditer(source):
+            if m["names"] is not None:
+                for name in _names(m["names"]):
+                    yield from self._module_files(path, name, 0)
+                continue
+            dotted = m["module"]
+            level = len(dotted) - len(dotted.lstrip(b"."))
+            module = dotted[level:]
+            if module == b"__future__":
+                continue
+            files = list(self._module_files(path, module, level)) if module else []
+            yield from files
+            if level:
+                base = package
+                for _ in range(level - 1):
+                    base = posixpath.dirname(base)
+                pkg_dir = base + (b"/" + module.replace(b".", b"/") if module else b"")
+            elif files and files[-1].endswith(b"/__init__.py"):
+                pkg_dir = posixpath.dirname(files[-1])
+            else:
+                continue
+            # `from package import name`: name may be a submodule, which is then imported too.
+            for name in _names(m["what"].strip(b"()")):
+                if b"." not in name and name != b"*":
+                    found = self._find_module(pkg_dir, name)
+                    if found:
+                        yield found
+
+    def _module_files(self, path: bytes, module: bytes, level: int) -> list[bytes]:
+        """The files that importing `module` (relative at `level`, from `path`) executes, outermost first."""
+        if level:
+            base = posixpath.dirname(path)
+            for _ in range(level - 1):
+                base = posixpath.dirname(base)
+        else:
+            base = self._root_of(path)
+        key = (base, module, level)
+        if key not in self._modules:
+            self._modules[key] = list(self._find_module_files(base, module, level))
+        return self._modules[key]
+
+    def _find_module_files(self, base: bytes, module: bytes, level: int) -> Iterator[bytes]:
+        if not all(p.isidentifier() for p in module.decode("ascii", "replace").split(".")):
+            return
+        roots = [base] if level else [base, *self.roots]
+        parts = module.split(b".")
+        for root in roots:
+            found: list[bytes] = []
+            d = root
+            for part in parts:
+                hit = self._find_module(d, part)
+                if hit is None:
+                    if self._is_dir(d + b"/" + part):  # a namespace package: no file of its own
+                        d = d + b"/" + part
+                        continue
+                    break
+                found.append(hit)
+                if not hit.endswith(b"/__init__.py"):
+                    break  # a module is no package: nothing below it is importable
+                d = posixpath.dirname(hit)
+            if found:
+                yield from found
+                return
+
+    def _find_module(self, directory: bytes, name: bytes) -> bytes | None:
+        """The file that makes `name` importable from `directory`, as CPython's finder orders them."""
+        init = directory + b"/" + name + b"/__init__.py"
+        if self._file(init) is not None:
+            return init
+        for n in self._extension_modules(directory).get(name, ()):
+            if self._file(directory + b"/" + n) is not None:
+                return directory + b"/" + n
+        plain = directory + b"/" + name + b".py"
+        return plain if self._file(plain) is not None else None
+
+    def _extension_modules(self, directory: bytes) -> dict[bytes, list[bytes]]:
+        """Extension modules in `directory` by module name (name.TAG.so, name.abi3.so, name.so)."""
+        dnode = self.node(directory)
+        if dnode is None or dnode.children is None:
+            return {}
+        key = id(dnode)
+        if key not in self._extensions:
+            found: dict[bytes, list[bytes]] = {}
+            for n in sorted(dnode.children):
+                if n.endswith(b".so") and 1 <= n.count(b".") <= 2:
+                    found.setdefault(n.split(b".", 1)[0], []).append(n)
+            self._extensions[key] = found
+        return self._extensions[key]
+
+    def _module_reads(self, module_file: bytes) -> list[tuple[Node, int]]:
+        """(file, bytes to fetch) for loading `module_file`: its bytecode and, where read, its source."""
+        if module_file not in self._reads:
+            self._reads[module_file] = list(self._find_module_reads(module_file))
+        return self._reads[module_file]
+
+    def _find_module_reads(self, module_file: bytes) -> Iterator[tuple[Node, int]]:
+        if module_file.endswith(b".so"):
+            node = self._file(module_file)
+            if node is not None:
+                yield node, 1  # its first chunk; its own hints are the loader's tables
+            return
+        bytecode = [self._file(p) for p in self.bytecode_paths(module_file)]
+        bytecode = [b for b in bytecode if b is not None]
+        yield from ((b, -1) for b in bytecode)
+        # Timestamp bytecode is all an import reads; checked-hash bytecode (and none) reads the source.
+        if not bytecode or any(checked_hash(self.read(b, 0, HEADER_SIZE)) for b in bytecode):
+            node = self._file(module_file)
+            if node is not None:
+                yield node, -1
+
+    def bytecode_paths(self, source: bytes) -> list[bytes]:
+        directory, name = posixpath.split(source)
+        stem = name[:-3]
+        cache = self.node(directory + b"/__pycache__")
+        if cache is None or cache.children is None:
+            return []
+        return [directory + b"/__pycache__/" + n for n in sorted(cache.children)
+                if n.startswith(stem + b".") and n.endswith(b".pyc") and b".opt-" not in n
+                and n.count(b".") == 2]
+
+    def bytecode_of(self, source: bytes) -> list[Node]:
+        return [n for p in self.bytecode_paths(source) if (n := self._file(p)) is not None]
+
+    def _root_of(self, path: bytes) -> bytes:
+        """The sys.path entry `path` was imported from: above its outermost package."""
+        start = d = posixpath.dirname(path)
+        if start not in self._roots_of:
+            while d and self._file(d + b"/__init__.py") is not None:
+                d = posixpath.dirname(d)
+            self._roots_of[start] = d
+        return self._roots_of[start]
+
+    def _is_dir(self, path: bytes) -> bool:
+        node = self.node(path)
+        return node is not None and node.is_dir
+
+    # --- ELF -----------------------------------------------------------
+
+    def elf(self, node: Node) -> _Elf | None:
+        head = self.read(node, 0, 64)
+        if not head or not head.startswith(b"\x7fELF"):
+            return None
+        try:
+            return _parse_elf(node, head, self.read)
+        except (struct.error, ValueError, IndexError):
+            return None  # not an object the loader would take either
+
+    def needed(self, path: bytes, elf: _Elf) -> list[Node]:
+        """The DT_NEEDED libraries of the object at `path`, found as the dynamic loader would."""
+        origin = posixpath.dirname(path)
+        dirs = [d.replace(b"${ORIGIN}", origin).replace(b"$ORIGIN", origin) for d in elf.runpath]
+        dirs += self._loader_dirs(elf.machine)
+        out: list[Node] = []
+        for name in elf.needed:
+            candidates = [name] if b"/" in name else [d + b"/" + name for d in dirs]
+            for candidate in candidates:
+                lib = self._file(candidate if candidate.startswith(b"/") else origin + b"/" + candidate)
+                if lib is not None:
+                    out.append(lib)
+                    break
+        return out
+
+    def _loader_dirs(self, machine: int) -> list[bytes]:
+        """The loader's default search path: ld.so.conf.d's directories, then the standard ones."""
+        if machine not in self._loader_dirs_of:
+            triplet = {62: b"x86_64-linux-gnu", 183: b"aarch64-linux-gnu"}.get(machine)
+            dirs: list[bytes] = []
+            conf = self.node(b"/etc/ld.so.conf.d")
+            for name in sorted(conf.children) if conf is not None and conf.children is not None else []:
+                f = self._file(b"/etc/ld.so.conf.d/" + name)
+                text = self.read(f, 0, min(f.size, 65536)) if f and name.endswith(b".conf") else None
+                dirs += [ln.strip() for ln in (text or b"").splitlines() if ln.strip().startswith(b"/")]
+            for base in (b"/lib", b"/usr/lib"):
+                dirs += [base + b"/" + triplet, base] if triplet else [base]
+            self._loader_dirs_of[machine] = [*dirs, b"/lib64", b"/usr/lib64", b"/usr/local/lib"]
+        return self._loader_dirs_of[machine]
+
+
+def _maybe_elf(path: bytes, node: Node) -> bool:
+    """Worth reading the header of: a shared object (by name) or an executable (by mode)."""
+    return bool(node.mode & 0o111) or b".so" in path.rsplit(b"/", 1)[-1]
+
+
+def _names(text: bytes) -> Iterator[bytes]:
+    for item in text.replace(b"\\\n", b" ").replace(b"\n", b" ").split(b","):
+        name = item.split(b" as ")[0].strip()
+        if name:
+            yield name
+
+
+# ELF64, little endian: the loader's view. Dynamic tags (elf.h) whose value is an address.
+_DT_NEEDED, _DT_STRTAB, _DT_STRSZ, _DT_RPATH, _DT_RUNPATH = 1, 5, 10, 15, 29
+_TABLE_STARTS = (4, 5, 6, 7, 17, 23, 36, 0x6FFFFEF5, 0x6FFFFFF0, 0x6FFFFFFC, 0x6FFFFFFE)
+_TABLE_SIZES = {5: 10, 7: 8, 17: 18, 23: 2, 36: 35}  # table -> the tag of its size
+_PT_LOAD, _PT_DYNAMIC, _PF_W = 1, 2, 2
+
+
+def _parse_elf(node: Node, head: bytes, read: Reader) -> _Elf | None:
+    if head[4] != 2 or head[5] != 1:  # ELFCLASS64, ELFDATA2LSB only
+        return None
+    e_type, machine = struct.unpack_from("<HH", head, 16)
+    phoff, = struct.unpack_from("<Q", head, 32)
+    phentsize, phnum = struct.unpack_from("<HH", head, 54)
+    if e_type not in (2, 3) or phentsize != 56 or not 0 < phnum <= 128 or phoff + phnum * 56 > node.size:
+        return None
+    phdrs = read(node, phoff, phnum * 56)
+    if phdrs is None or len(phdrs) < phnum * 56:
+        return None
+    loads: list[tuple[int, int, int, int]] = []  # vaddr, offset, filesz, flags
+    dynamic = None
+    for i in range(phnum):
+        p_type, flags, offset, vaddr, _paddr, filesz = struct.unpack_from("<IIQQQQ", phdrs, i * 56)
+        if p_type == _PT_LOAD:
+            loads.append((vaddr, offset, filesz, flags))
+        elif p_type == _PT_DYNAMIC:
+            dynamic = (offset, min(filesz, 1 << 16))
+
+    def file_offset(vaddr: int) -> int | None:
+        for va, off, size, _ in loads:
+            if va <= vaddr < va + size:
+                return off + vaddr - va
+        return None
+
+    ranges = [(off, size) for _, off, size, flags in loads if flags & _PF_W and size]
+    needed: list[bytes] = []
+    runpath: list[bytes] = []
+    if dynamic is not None and dynamic[0] + dynamic[1] <= node.size:
+        raw = read(node, *dynamic) or b""
+        tags: dict[int, int] = {}
+        strings: list[tuple[int, int]] = []
+        for tag, value in struct.iter_unpack("<qQ", raw[: len(raw) // 16 * 16]):
+            if tag == 0:
+                break
+            if tag in (_DT_NEEDED, _DT_RPATH, _DT_RUNPATH):
+                strings.append((tag, value))
+            else:
+                tags.setdefault(tag, value)
+        starts = [o for t in _TABLE_STARTS if t in tags and (o := file_offset(tags[t])) is not None]
+        ends = [o + tags[s] for t, s in _TABLE_SIZES.items()
+                if t in tags and s in tags and (o := file_offset(tags[t])) is not None]
+        if starts and ends and max(ends) > min(starts):
+            ranges.append((min(starts), max(ends) - min(starts)))
+        strtab = file_offset(tags.get(_DT_STRTAB, -1)) if _DT_STRTAB in tags else None
+        size = min(tags.get(_DT_STRSZ, 0), 16 << 20)
+        fits = strtab is not None and size and strtab + size <= node.size
+        table = read(node, strtab, size) if fits else None
+        for tag, value in strings if table else ():
+            end = table.find(b"\0", value)
+            name = table[value:end] if 0 <= value < len(table) and end > value else b""
+            if tag == _DT_NEEDED:
+                if name:
+                    needed.append(name)
+            elif tag == _DT_RUNPATH or not any(t == _DT_RUNPATH for t, _ in strings):
+                runpath += [d for d in name.split(b":") if d]  # DT_RPATH counts only without RUNPATH
+    clipped = sorted((off, min(size, MAX_RANGE, node.size - off))
+                     for off, size in ranges if 0 <= off < node.size)
+    return _Elf(machine, _merged(clipped), needed, runpath)
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for off, size in ranges:
+        if out and off <= out[-1][0] + out[-1][1]:
+            last = out[-1]
+            out[-1] = (last[0], max(last[1], off + size - last[0]))
+        else:
+            out.append((off, size))
+    return out
