@@ -103,14 +103,15 @@ AFTER_READY_TIMEOUT = 60.0  # how long the app may keep running after its ready 
 STATS_SETTLE = 1.2  # naiad mount daemons refresh stats.json every second
 SNAPSHOTTER_START_TIMEOUT = 30.0  # seconds for `naiad snapshotter` to make its socket
 
-METHODS = ("oci", "naiad-containerd", "naiad-lazy", "naiad-mountd", "naiad-mount", "naiad-mount-fuse",
-           "naiad-optimized", "floor-warm", "floor-cold")
+METHODS = ("oci", "naiad-containerd", "naiad-lazy", "naiad-nohints", "naiad-mountd", "naiad-mount",
+           "naiad-mount-fuse", "naiad-optimized", "floor-warm", "floor-cold")
 RUN_LABEL = "`naiad run`"
 MOUNT_LABEL = "`naiad mount` + chroot on overlayfs"
 LABELS = {
     "oci": "oci: containerd, overlayfs: `ctr image pull` + `ctr run --rm`",
     "naiad-containerd": "naiad-containerd: `ctr-remote image rpull` + `ctr run`, naiad snapshotter",
     "naiad-lazy": "naiad-lazy: {how}",
+    "naiad-nohints": "naiad-nohints: `naiad run --no-hints` (pure lazy: no access hints followed)",
     "naiad-mountd": "naiad-mountd: `naiad run`, its mount daemon forked by a resident `naiad mountd`",
     "naiad-mount": f"naiad-mount: {MOUNT_LABEL} (no runc; for its stats)",
     "naiad-mount-fuse": "naiad-mount-fuse: the same with `--mode fuse` (Python serves the whole tree)",
@@ -119,8 +120,8 @@ LABELS = {
     "floor-cold": "floor-cold: the same after drop_caches",
 }
 # What `--methods` selects: METHODS' names (floor: both floor rows) and the N-node one.
-SELECTABLE = ("oci", "naiad-containerd", "naiad-lazy", "naiad-mountd", "naiad-mount", "naiad-mount-fuse",
-              "naiad-optimized", "floor", "naiad-p2p")
+SELECTABLE = ("oci", "naiad-containerd", "naiad-lazy", "naiad-nohints", "naiad-mountd", "naiad-mount",
+              "naiad-mount-fuse", "naiad-optimized", "floor", "naiad-p2p")
 P2P_NODES, P2P_NODES_QUICK = 4, 2  # nodes starting the image at once in naiad-p2p (`--p2p-nodes`)
 SWARM_LABELS = {
     True: "naiad-p2p: `naiad run --p2p-proxy` through each node's peer",
@@ -287,6 +288,9 @@ def run_workload(ctx: Context, wl: Workload, networks: Sequence[int | None]) -> 
                                                            "naiad-lazy")],
                     "floor": lambda w: measure_floor(the_lab, wl, floor_root),
                 }
+                if setup.use_run:
+                    methods["naiad-nohints"] = lambda w: [measure_naiad(
+                        the_lab, wl, setup.naiad_ref, True, w, "naiad-nohints", run_options=("--no-hints",))]
                 if setup.use_run and has_command("mountd"):
                     methods["naiad-mountd"] = lambda w: [measure_naiad(the_lab, wl, setup.naiad_ref, True, w,
                                                                        "naiad-mountd", mountd=True)]
@@ -508,7 +512,8 @@ def naiad_snapshotter(the_lab: Lab, work: Path) -> Iterator[str]:
 
 
 def measure_naiad(the_lab: Lab, wl: Workload, ref: str, use_run: bool, work: Path, method: str,
-                  mount_options: Sequence[str] = (), mountd: bool = False) -> Sample:
+                  mount_options: Sequence[str] = (), mountd: bool = False,
+                  run_options: Sequence[str] = ()) -> Sample:
     home = work / "home"
     home.mkdir()
     env = {**os.environ, "NAIAD_HOME": str(home)}
@@ -517,7 +522,8 @@ def measure_naiad(the_lab: Lab, wl: Workload, ref: str, use_run: bool, work: Pat
             drop_caches()
             tx0 = the_lab.registry_tx_bytes()
             start = time.perf_counter()
-            t_ready = until_ready(the_lab.node_argv(naiad_argv("run", "--plain-http", ref)), env, wl.ready)
+            t_ready = until_ready(the_lab.node_argv(naiad_argv("run", "--plain-http", *run_options, ref)),
+                                  env, wl.ready)
             tx1 = the_lab.registry_tx_bytes()
         return Sample(method, None, t_ready - start, {}, tx1 - tx0, tx1 - tx0)
 

@@ -1,7 +1,7 @@
 """The mount daemon's data path, in isolation: time to ready and daemon CPU, cold and warm chunk cache.
 
     .venv/bin/python bench/datapath.py REF --mode kernel --reps 3 [--label before] [--amplify 1M]
-        [--read-ahead 128K] [--src DIR]
+        [--read-ahead 128K] [--mount-arg=--no-hints] [--src DIR]
 
 REF is a naiad image of torchapp on a local registry (plain HTTP). Every repetition:
 
@@ -47,8 +47,8 @@ def daemon_cpu(pid: int) -> float:
 
 
 def mount(ref: str, mnt: Path, env: dict[str, str], mode: str, amplify: str | None,
-          read_ahead: str | None = None) -> int:
-    argv = [*NAIAD, "mount", "--plain-http", "--mode", mode, ref, str(mnt)]
+          read_ahead: str | None = None, extra: tuple[str, ...] = ()) -> int:
+    argv = [*NAIAD, "mount", "--plain-http", "--mode", mode, *extra, ref, str(mnt)]
     if amplify:
         argv += ["--amplify", amplify]
     if read_ahead:
@@ -83,10 +83,10 @@ def run_app(mnt: Path, timeout: float = 120.0) -> float:
 
 
 def one(ref: str, mnt: Path, env: dict[str, str], mode: str, amplify: str | None,
-        read_ahead: str | None) -> dict:
+        read_ahead: str | None, extra: tuple[str, ...] = ()) -> dict:
     drop_caches()
     t0 = time.monotonic()
-    pid = mount(ref, mnt, env, mode, amplify, read_ahead)
+    pid = mount(ref, mnt, env, mode, amplify, read_ahead, extra)
     t1 = time.monotonic()
     t_ready = run_app(mnt)
     cpu = daemon_cpu(pid)
@@ -96,7 +96,8 @@ def one(ref: str, mnt: Path, env: dict[str, str], mode: str, amplify: str | None
             "requests": stats["requests"], "chunks_fetched": stats["chunks_fetched"],
             "fetched_mb": round(stats["bytes_fetched"] / 1e6, 1),
             "served_mb": round(stats["bytes_served"] / 1e6, 1), "reads": stats.get("reads"),
-            "amplify_k": (stats.get("amplify") or 0) >> 10, "link": stats.get("link")}
+            "amplify_k": (stats.get("amplify") or 0) >> 10, "link": stats.get("link"),
+            "hinted_mb": round((stats.get("hints") or {}).get("bytes", 0) / 1e6, 1)}
 
 
 def main() -> None:
@@ -107,6 +108,7 @@ def main() -> None:
     ap.add_argument("--label", default="")
     ap.add_argument("--amplify")
     ap.add_argument("--read-ahead")
+    ap.add_argument("--mount-arg", action="append", default=[], help="more for `naiad mount` (repeat)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/naiad-datapath"))
     ap.add_argument("--src", help="import naiad from this src dir (a snapshot of another commit)")
     args = ap.parse_args()
@@ -126,7 +128,7 @@ def main() -> None:
         shutil.copytree(seed / "bootstraps", home / "bootstraps")
         env = {**os.environ, "NAIAD_HOME": str(home)}
         for kind in ("cold", "warm"):
-            r = one(args.ref, mnt, env, args.mode, args.amplify, args.read_ahead)
+            r = one(args.ref, mnt, env, args.mode, args.amplify, args.read_ahead, tuple(args.mount_arg))
             results[kind].append(r)
             print(f"{args.label} {args.mode} rep {rep} {kind}: {r}", flush=True)
     summary = {kind: {k: statistics.median(r[k] for r in rs) for k in rs[0]

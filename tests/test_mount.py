@@ -500,6 +500,9 @@ def test_cache_shared_between_images_gc_and_prune(registry: RegistryServer, node
                        name=f"cache-{k}")[0] for k, t in trees.items()}
     mnts = {k: node.mount(ref, name=f"mnt-{k}") for k, ref in refs.items()}
     assert (mnts["x"] / "shared").read_bytes() == shared
+    # x's reader is answered before its range is committed to the cache (fetcher.py); y's must find it.
+    pieces = {hashlib.sha256(shared[i:i + 128 * KiB]).digest() for i in range(0, len(shared), 128 * KiB)}
+    wait_for(lambda: pieces <= set(node.cache_rows()), "x's chunks in the cache")
     assert (mnts["y"] / "shared").read_bytes() == shared
     sy = node.stats(mnts["y"])
     assert sy["bytes_fetched"] == 0 and sy["chunks_from_cache"] >= 4  # y found x's chunks

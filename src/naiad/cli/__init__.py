@@ -352,7 +352,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         options = MountOptions(platform=Platform.parse(args.platform), prefetch_all=args.prefetch_all,
                                prefetch_rate=_size(args.prefetch_rate) if args.prefetch_rate else 0,
                                amplify=None if args.amplify == "auto" else _size(args.amplify),
-                               mode=args.mode, read_ahead=_size(args.read_ahead))
+                               mode=args.mode, read_ahead=_size(args.read_ahead), hints=not args.no_hints)
         try:
             serve(ref, args.mountpoint, _registry_options(args), options, args.notify_fd)
         except NaiadError as e:
@@ -402,6 +402,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
         f"prefetch       {_human(pf.get('done_bytes', 0))} of {_human(pf.get('total_bytes', 0))}"
         + (" (done)" if pf.get("finished") else ""),
     ]
+    if hints := stats.get("hints"):
+        lines.append(f"hints          {_human(hints['bytes'])} in {hints['chunks']} chunks fetched ahead, "
+                     f"from {hints['triggers']} misses")
     if stats.get("passthrough"):
         lines.append(f"passthrough    {stats['passthrough']} blob files, read by the kernel from the cache"
                      " (those reads are not counted above)")
@@ -441,9 +444,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     _use_p2p_proxy(args)
     command = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
     options = RunOptions(env=args.env, workdir=args.workdir, user=args.user, entrypoint=args.entrypoint,
-                         net=args.net, prefetch_all=args.prefetch_all, keep=args.keep,
-                         stop_timeout=args.stop_timeout, platform=Platform.parse(args.platform),
-                         registry=_registry_options(args))
+                         net=args.net, prefetch_all=args.prefetch_all, hints=not args.no_hints,
+                         keep=args.keep, stop_timeout=args.stop_timeout,
+                         platform=Platform.parse(args.platform), registry=_registry_options(args))
     return run(args.ref, command, options)
 
 
@@ -619,6 +622,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amplify", default="auto", metavar="SIZE",
                    help="fetch up to this many bytes of neighbouring chunks with a read; auto (default): "
                    "4 x the backend's latency x its throughput, 128K to 2M, as measured while mounted")
+    p.add_argument("--no-hints", action="store_true",
+                   help="do not fetch ahead by the image's access hints (the imports of a Python module "
+                   "and the loader tables and libraries of an ELF object, fetched when the file is first "
+                   "read); pure lazy: only what is read, and its read-ahead")
     p.add_argument("--read-ahead", default="512K", metavar="SIZE",
                    help="kernel mode: how far the kernel reads ahead in the image's files (default: 512K; "
                    "the kernel's own default, 128K, makes sequential reads of large files slower)")
@@ -678,6 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host: share this machine's network (default); none: loopback only")
     p.add_argument("--prefetch-all", action="store_true",
                    help="fetch the whole image in the background while the container runs")
+    p.add_argument("--no-hints", action="store_true",
+                   help="do not fetch ahead by the image's access hints (see `naiad mount --help`)")
     p.add_argument("--keep", action="store_true",
                    help="keep the container's writes (the overlay upper dir) and print where")
     p.add_argument("--stop-timeout", type=float, default=10.0, metavar="SECONDS",

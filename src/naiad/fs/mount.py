@@ -49,6 +49,7 @@ from naiad.oci.image import Platform, RegistryOptions, source_for
 from naiad.oci.reference import Reference
 from naiad.storage.cache import ChunkCache
 from naiad.storage.fetcher import ChunkFetcher
+from naiad.storage.hints import HintPrefetcher
 from naiad.storage.image import NaiadImage
 from naiad.storage.p2p import via_peer
 
@@ -79,6 +80,7 @@ class MountOptions:
     allow_other: bool = True
     mode: str = "auto"  # one of MODES
     read_ahead: int = DEFAULT_READ_AHEAD  # bytes the kernel reads ahead in the mounted files (kernel mode)
+    hints: bool = True  # fetch ahead by the image's access hints (storage/hints.py)
 
 
 class Prefetcher:
@@ -176,6 +178,9 @@ def serve(ref: Reference, mountpoint: str, registry: RegistryOptions, options: M
         fetcher = ChunkFetcher(img.bootstrap, source, cache, amplify=options.amplify)
         image = _kernel_image(img, state, options.mode)
         mount = _Mount(mountpoint, state, fetcher, image, options.read_ahead)
+        if options.hints and img.bootstrap.has_hints:
+            mount.hints = HintPrefetcher(img.bootstrap, fetcher)
+            fetcher.on_miss = mount.hints.on_miss
         if image is None:
             import pyfuse3
 
@@ -200,6 +205,8 @@ def serve(ref: Reference, mountpoint: str, registry: RegistryOptions, options: M
             mount.stop_kernel(detach=True)
             mount.close_fuse()
             _write_trace(state, mount.fs, img.bootstrap)
+            if mount.hints is not None:
+                mount.hints.close()
             fetcher.close()
             cache.close()
             img.close()
@@ -257,6 +264,7 @@ class _Mount:
         self.mode = "fuse" if image is None else "kernel"
         self.fs: LazyFS | BlobFS | None = None
         self.wire: FuseWireServer | None = None  # kernel mode's server of the blob files
+        self.hints: HintPrefetcher | None = None
         self.error: NaiadError | None = None
         self.kernel_mounted = False
 
@@ -336,6 +344,7 @@ class _Mount:
             "passthrough": 0 if self.wire is None else self.wire.passed_through(),
             "prefetch": {"done_bytes": prefetcher.done_bytes, "total_bytes": prefetcher.total_bytes,
                          "finished": prefetcher.finished},
+            "hints": None if self.hints is None else self.hints.snapshot(),
             "updated": time.time(),
         }
 

@@ -74,6 +74,7 @@ class RunOptions:
     entrypoint: str | None = None
     net: str = "host"
     prefetch_all: bool = False
+    hints: bool = True  # the mount follows the image's access hints
     keep: bool = False
     stop_timeout: float = 10.0
     platform: Platform = dataclasses.field(default_factory=Platform)
@@ -376,6 +377,8 @@ class _RunDir:
             argv.append("--insecure-skip-tls-verify")
         if options.prefetch_all:
             argv.append("--prefetch-all")
+        if not options.hints:
+            argv.append("--no-hints")
         if options.trace_to:
             argv += ["--mode", "fuse"]  # only FUSE mode sees which file each read is for
         self.daemon_spawned = True

@@ -85,6 +85,8 @@ class ChunkFetcher:
         self._read_head_first: ReadHeadFirst | None = getattr(backend, "read_range_head_first", None)
         # Told the chunks each fetch has just put in the cache (verified, in their blob's own file).
         self.on_cached: Callable[[list[Chunk]], None] | None = None
+        # Told the chunks a reader misses, before they are fetched (storage/hints.py).
+        self.on_miss: Callable[[list[Chunk]], None] | None = None
 
     def read(self, chunks: list[Chunk], *, amplify: bool = True) -> list[bytes]:
         """Uncompressed bytes of each chunk, in order; FetchError if any cannot be had."""
@@ -111,6 +113,8 @@ class ChunkFetcher:
             out.append(None)
             waits.append((i, fut))
         if mine:
+            if amplify and self.on_miss is not None:  # a reader's miss, not a prefetch
+                self.on_miss(mine)
             self._fetch(mine, amplify)
         for i, fut in waits:
             out[i] = fut.result()

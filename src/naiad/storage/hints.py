@@ -1,0 +1,124 @@
+"""Fetching ahead by the image's access hints (docs/format.md §10) as a lazy start misses.
+
+When a reader misses a file's first chunk, the chunk's hints say which bytes
+the app reads next: a Python module's imports, an ELF object's loader tables
+and libraries. They are fetched, and their own hints in turn, depth first:
+the order an interpreter imports in. The newest miss goes first, since that
+is where the app is now. A few fetches run at once, each on a thread of this
+prefetcher, so that readers never queue behind them in the fetcher's pool,
+and each asks only for chunks that are neither cached nor in flight (a
+reader that wants one meanwhile shares its fetch).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+
+from naiad.format.bootstrap import Bootstrap, Chunk
+from naiad.storage.fetcher import ChunkFetcher, FetchError
+from naiad.storage.ranges import contiguous_runs
+
+log = logging.getLogger(__name__)
+
+WORKERS = 4  # hinted range requests in flight at once
+BATCH = 1 << 20  # stored bytes one worker takes from the walk before fetching them
+BUDGET = 512 << 20  # stored bytes one mount fetches by hints at most
+
+
+class HintPrefetcher:
+    def __init__(self, bootstrap: Bootstrap, fetcher: ChunkFetcher, *, workers: int = WORKERS,
+                 budget: int = BUDGET):
+        self.bs = bootstrap
+        self.fetcher = fetcher
+        self.budget = budget
+        self.triggers = 0  # misses that started a walk
+        self.chunks = 0  # chunks the walks asked for
+        self.bytes = 0  # their stored bytes
+        self._cond = threading.Condition()
+        self._walks: list[Iterator[list[Chunk]]] = []  # a stack: the newest miss's walk on top
+        self._expanded: set[int] = set()  # chunks whose hints have been walked (or are being)
+        self._visited: set[tuple[int, int]] = set()  # (ino, foffset) of hints taken
+        self._closed = False
+        self._threads = [threading.Thread(target=self._run, name=f"naiad-hints-{i}", daemon=True)
+                         for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    def on_miss(self, chunks: list[Chunk]) -> None:
+        """A reader misses `chunks` (ChunkFetcher.on_miss): walk the hints of those that start a file."""
+        with self._cond:
+            roots = [c.id for c in chunks if c.id not in self._expanded]
+            if not roots or self._closed:
+                return
+            self._expanded.update(roots)
+            self._walks.append(self._walk(roots))
+            self._cond.notify()
+
+    def snapshot(self) -> dict:
+        with self._cond:
+            return {"triggers": self.triggers, "chunks": self.chunks, "bytes": self.bytes}
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._walks.clear()
+            self._cond.notify_all()
+
+    def _walk(self, roots: list[int]) -> Iterator[list[Chunk]]:
+        """The chunks of each hint reached from `roots`, depth first (called under the lock)."""
+        stack = [iter(h) for c in reversed(roots) if (h := self.bs.hints_of(c))]
+        if stack:
+            self.triggers += 1
+        while stack:
+            hint = next(stack[-1], None)
+            if hint is None:
+                stack.pop()
+                continue
+            ino, foffset, size = hint
+            if (ino, foffset) in self._visited:
+                continue
+            self._visited.add((ino, foffset))
+            if size:
+                yield self.bs.file_chunks(ino, foffset, size)
+            first = self.bs.first_chunk(ino)
+            if first is not None and first not in self._expanded:
+                self._expanded.add(first)
+                if nested := self.bs.hints_of(first):
+                    stack.append(iter(nested))
+
+    def _take(self) -> list[Chunk]:
+        """Up to BATCH stored bytes of chunks to fetch next, none cached (called under the lock)."""
+        batch: list[Chunk] = []
+        size = 0
+        while self._walks and size < BATCH and self.bytes < self.budget:
+            chunks = next(self._walks[-1], None)
+            if chunks is None:
+                self._walks.pop()
+                continue
+            for c in chunks:
+                if not self.fetcher.cache.contains(c.digest):
+                    batch.append(c)
+                    size += c.csize
+                    self.chunks += 1
+                    self.bytes += c.csize
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (batch := self._take()):
+                    if self._closed:
+                        return
+                    self._cond.wait()
+            # One range at a time on this thread (prefetch() would put all but the first in the
+            # fetcher's pool, where readers' read-ahead waits).
+            unique = {c.id: c for c in batch}.values()
+            for run in contiguous_runs(sorted(unique, key=lambda c: (c.blob, c.offset))):
+                if self._closed:
+                    return
+                try:
+                    self.fetcher.prefetch(run)
+                except FetchError as e:
+                    log.debug("hinted fetch: %s", e)  # a reader that needs these chunks retries

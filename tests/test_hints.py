@@ -1,0 +1,173 @@
+"""Access hints (docs/format.md §10): what a build predicts a lazy start reads next, and the mount
+fetching it.
+
+- The builder: a module's top-level imports (absolute, relative, `from package import submodule`,
+  extension modules), not those inside functions or `try`; checked-hash bytecode leads to its
+  source (fetched), timestamp bytecode only follows it; an ELF object's loader tables and its
+  DT_NEEDED libraries (real system libraries, found through symlinks); garbage that looks like
+  an ELF object or a module breaks nothing, and symlinks never lead out of the image.
+- The mount: reading one module fetches what it imports, before anyone reads it, and nothing
+  else; `--no-hints` fetches only what is read. Bytes read are the image's either way.
+"""
+
+from __future__ import annotations
+
+import os
+import py_compile
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from registry_server import RegistryServer
+from test_mount import Node, naiad, ok, publish, wait_for
+from test_optimize import bootstrap_of
+
+from naiad.format.bootstrap import Bootstrap
+
+LIBDIR = Path("/usr/lib/x86_64-linux-gnu")
+
+
+def write(root: Path, rel: str, text: str | bytes) -> Path:
+    p = root / rel.lstrip("/")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(text.encode() if isinstance(text, str) else text)
+    return p
+
+
+def compile_pyc(source: Path, mode: py_compile.PycInvalidationMode) -> None:
+    py_compile.compile(str(source), invalidation_mode=mode, doraise=True)
+
+
+def app_tree(root: Path) -> Path:
+    """An app whose imports exercise the resolver; the comments say what each line must hint."""
+    write(root, "app/main.py", "import os\n"                 # nothing in the image: no hint
+                               "import pkg.inner\n"          # pkg/__init__ and pkg/inner/__init__
+                               "from pkg import helper, CONST as c\n"  # helper.py (a submodule)
+                               "import native  # noqa\n"    # native.cpython-311-x86_64-linux-gnu.so
+                               "def f():\n    import pkg.lazy\n"  # not at import time: no hint
+                               "try:\n    import pkg.optional\nexcept ImportError:\n    pass\n")
+    write(root, "app/pkg/__init__.py", "from . import sibling\nfrom .deep.mod import thing\nCONST = 1\n")
+    write(root, "app/pkg/sibling.py", "X = 1\n")
+    write(root, "app/pkg/helper.py", "Y = 2\n")
+    write(root, "app/pkg/lazy.py", "Z = 3\n")
+    write(root, "app/pkg/optional.py", "W = 4\n")
+    write(root, "app/pkg/inner/__init__.py", "import pkg.sibling\n")
+    write(root, "app/pkg/deep/__init__.py", "")
+    write(root, "app/pkg/deep/mod.py", "thing = 5\n")
+    write(root, "app/native.cpython-311-x86_64-linux-gnu.so", b"\x7fELF" + os.urandom(3000))  # garbage
+    write(root, "app/broken.py", b"from \xff\xfe import (\nimport ...\nfrom . import\n" + os.urandom(500))
+    compile_pyc(root / "app/pkg/helper.py", py_compile.PycInvalidationMode.CHECKED_HASH)
+    compile_pyc(root / "app/pkg/sibling.py", py_compile.PycInvalidationMode.TIMESTAMP)
+    return root
+
+
+def hints_by_path(bs: Bootstrap) -> dict[str, list[tuple[str, int, int]]]:
+    """trigger path -> [(target path, foffset, size)] as stored."""
+    paths = {attr.ino: os.fsdecode(p) for p, _, attr in bs.walk()}
+    out = {}
+    for ino, path in paths.items():
+        first = bs.first_chunk(ino)
+        if first is not None and (rows := bs.hints_of(first)):
+            out[path] = [(paths[t], off, size) for t, off, size in rows]
+    return out
+
+
+def build(tmp_path: Path, tree: Path) -> Bootstrap:
+    home = tmp_path / "home"
+    target = f"oci:{tmp_path / 'layout'}:v1"
+    ok(naiad(home, "build", tree, target))
+    return bootstrap_of(home, target)
+
+
+def test_python_hints_follow_top_level_imports(tmp_path: Path) -> None:
+    bs = build(tmp_path, app_tree(tmp_path / "tree"))
+    hints = hints_by_path(bs)
+    tag = sys.implementation.cache_tag  # py_compile names bytecode for the running interpreter
+    helper_pyc, sibling_pyc = (f"/app/pkg/__pycache__/{n}.{tag}.pyc" for n in ("helper", "sibling"))
+    assert hints["/app/main.py"] == [
+        ("/app/pkg/__init__.py", 0, -1),
+        ("/app/pkg/inner/__init__.py", 0, -1),
+        (helper_pyc, 0, -1), ("/app/pkg/helper.py", 0, -1),  # checked-hash: the import reads both
+        ("/app/native.cpython-311-x86_64-linux-gnu.so", 0, 1),  # its header; the loader does the rest
+    ]
+    # A submodule imported with `from . import` is hinted; timestamp bytecode only (no source).
+    assert hints["/app/pkg/__init__.py"] == [(sibling_pyc, 0, -1), ("/app/pkg/deep/__init__.py", 0, -1),
+                                             ("/app/pkg/deep/mod.py", 0, -1)]
+    assert hints["/app/pkg/inner/__init__.py"] == [("/app/pkg/__init__.py", 0, -1), (sibling_pyc, 0, -1)]
+    # Bytecode leads to its source's hints: fetching the source too only where the import reads it.
+    assert hints[helper_pyc] == [("/app/pkg/helper.py", 0, -1)]
+    assert hints[sibling_pyc] == [("/app/pkg/sibling.py", 0, 0)]
+    # Garbage after an ELF magic and a module that is no Python: no hints of their own, and the
+    # build went on.
+    assert "/app/native.cpython-311-x86_64-linux-gnu.so" not in hints
+    assert "/app/broken.py" not in hints
+    for targets in hints.values():
+        assert not {t for t, _, _ in targets} & {"/app/pkg/lazy.py", "/app/pkg/optional.py"}
+
+
+@pytest.mark.skipif(not (LIBDIR / "libzstd.so.1").exists() or not (LIBDIR / "libc.so.6").exists(),
+                    reason="needs Debian's x86-64 libzstd and libc")
+def test_elf_hints_name_the_loader_tables_and_needed_libraries(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    lib = tree / "usr/lib/x86_64-linux-gnu"
+    lib.mkdir(parents=True)
+    real = os.path.realpath(LIBDIR / "libzstd.so.1")
+    shutil.copy(real, lib / os.path.basename(real))
+    (lib / "libzstd.so.1").symlink_to(os.path.basename(real))  # DT_NEEDED names the soname link
+    shutil.copy(os.path.realpath(LIBDIR / "libc.so.6"), lib / "libc.so.6")
+    (tree / "lib").symlink_to("usr/lib")  # merged /usr, as Debian has it
+    (tree / "bin").mkdir()
+    shutil.copy("/usr/bin/true", tree / "bin/tool")  # an executable, found by its mode
+    (tree / "usr/lib/x86_64-linux-gnu/loop.so").symlink_to("loop.so")  # a loop is no library
+    bs = build(tmp_path, tree)
+    hints = hints_by_path(bs)
+    zstd = "/usr/lib/x86_64-linux-gnu/" + os.path.basename(real)
+    own = [(off, size) for t, off, size in hints[zstd] if t == zstd]
+    needed = [t for t, off, size in hints[zstd] if t != zstd]
+    assert needed == ["/usr/lib/x86_64-linux-gnu/libc.so.6"]
+    # The loader's tables: what `readelf` calls .dynsym through .rela.plt, and the writable segment.
+    sections = readelf_sections(Path(real))
+    for name in (".dynsym", ".dynstr", ".gnu.hash", ".rela.dyn", ".data.rel.ro", ".got"):
+        if name in sections:
+            off, size = sections[name]
+            assert any(o <= off and off + size <= o + s for o, s in own), (name, own)
+    assert sum(s for _, s in own) < os.path.getsize(real) / 2  # not the code
+    assert ("/usr/lib/x86_64-linux-gnu/libc.so.6", 0, 1) in hints["/bin/tool"]
+
+
+def readelf_sections(path: Path) -> dict[str, tuple[int, int]]:
+    out = ok(subprocess.run(["readelf", "-SW", str(path)], capture_output=True, text=True)).stdout
+    sections = {}
+    for line in out.splitlines():
+        parts = line.replace("[ ", "[").split()
+        if len(parts) > 6 and parts[0].startswith("[") and parts[1].startswith("."):
+            sections[parts[1]] = (int(parts[4], 16), int(parts[5], 16))
+    return sections
+
+
+@pytest.mark.parametrize("hints", [True, False], ids=["hints", "no-hints"])
+def test_a_read_fetches_what_the_module_imports(hints: bool, registry: RegistryServer, node: Node) -> None:
+    tree = app_tree(node.root / "tree")
+    write(tree, "app/big", os.urandom(4 << 20))  # read-ahead could reach the modules through it
+    ref, _ = publish(node.home, tree, registry, name="hints")
+    options = ["--amplify", "0"] + ([] if hints else ["--no-hints"])
+    mnt = node.mount(ref, *options)
+    assert (mnt / "app/main.py").read_bytes() == (tree / "app/main.py").read_bytes()
+    bs = node.bootstrap()
+    wanted = {p: bs.file_chunks(bs.resolve(p))[0].digest
+              for p in ("app/pkg/__init__.py", "app/pkg/helper.py", "app/pkg/deep/mod.py")}
+    unwanted = {p: bs.file_chunks(bs.resolve(p))[0].digest for p in ("app/pkg/lazy.py", "app/big")}
+    if hints:
+        wait_for(lambda: set(wanted.values()) <= set(node.cache_rows()), "the hinted modules in the cache")
+        stats = node.stats(mnt)
+        assert stats["hints"]["triggers"] >= 1 and stats["hints"]["chunks"] >= len(wanted)
+    else:
+        stats = node.stats(mnt)
+        assert stats["hints"] is None
+        assert stats["chunks_fetched"] == 1  # main.py, and nothing it imports
+    assert not set(unwanted.values()) & set(node.cache_rows())
+    for rel in ("app/pkg/__init__.py", "app/pkg/helper.py", "app/pkg/deep/mod.py", "app/pkg/lazy.py"):
+        assert (mnt / rel).read_bytes() == (tree / rel).read_bytes()
+    node.assert_cache_consistent()
