@@ -44,6 +44,8 @@ class FetchStats:
     bytes_fetched: int = 0
     chunks_fetched: int = 0
     chunks_from_cache: int = 0
+    misses: int = 0  # chunks a reader had to fetch itself
+    joined: int = 0  # chunks a reader waited for while another fetch (read-ahead, hints) brought them
     reads: int = 0  # read requests the filesystem answered
     bytes_served: int = 0
     errors: int = 0
@@ -58,6 +60,7 @@ class FetchStats:
         return {
             "requests": self.requests, "bytes_fetched": self.bytes_fetched,
             "chunks_fetched": self.chunks_fetched, "chunks_from_cache": self.chunks_from_cache,
+            "misses": self.misses, "joined": self.joined,
             "reads": self.reads, "bytes_served": self.bytes_served, "errors": self.errors,
             "read_amplification": round(self.bytes_fetched / self.bytes_served, 3)
             if self.bytes_served else None,
@@ -103,6 +106,8 @@ class ChunkFetcher:
                     if fut is None and not self.cache.contains(chunk.digest):
                         fut = self._inflight[chunk.digest] = Future()
                         mine.append(chunk)
+                    elif fut is not None and amplify:
+                        self.stats.joined += 1
                 if fut is not None:
                     break
             if data is not None:
@@ -113,8 +118,11 @@ class ChunkFetcher:
             out.append(None)
             waits.append((i, fut))
         if mine:
-            if amplify and self.on_miss is not None:  # a reader's miss, not a prefetch
-                self.on_miss(mine)
+            if amplify:  # a reader's miss, not a prefetch
+                with self._lock:
+                    self.stats.misses += len(mine)
+                if self.on_miss is not None:
+                    self.on_miss(mine)
             self._fetch(mine, amplify)
         for i, fut in waits:
             out[i] = fut.result()
