@@ -137,6 +137,27 @@ def test_elf_hints_name_the_loader_tables_and_needed_libraries(tmp_path: Path) -
     assert ("/usr/lib/x86_64-linux-gnu/libc.so.6", 0, 1) in hints["/bin/tool"]
 
 
+@pytest.mark.skipif(not (LIBDIR / "libzstd.so.1").exists(), reason="needs Debian's x86-64 libzstd")
+def test_elf_hints_of_a_patched_object_skip_its_code(tmp_path: Path) -> None:
+    """patchelf (auditwheel, for most wheels' libraries) moves tables to a new segment at the end:
+    the hints are each table, not everything between the first and the last."""
+    tree = tmp_path / "tree"
+    lib = tree / "opt/wheel.libs/libzstd-patched.so"
+    lib.parent.mkdir(parents=True)
+    shutil.copy(os.path.realpath(LIBDIR / "libzstd.so.1"), lib)
+    ok(subprocess.run(["patchelf", "--set-rpath", "$ORIGIN/" + "x" * 4000, str(lib)],
+                      capture_output=True, text=True))
+    sections = readelf_sections(lib)
+    assert sections[".dynstr"][0] > sections[".text"][0], "patchelf left .dynstr in place"
+    bs = build(tmp_path, tree)
+    own = [(off, size) for _, off, size in hints_by_path(bs)["/opt/wheel.libs/libzstd-patched.so"]]
+    for name in (".dynsym", ".dynstr", ".rela.dyn"):
+        off, size = sections[name]
+        assert any(o <= off and off + size <= o + s for o, s in own), (name, own)
+    text_off, text_size = sections[".text"]
+    assert not any(o < text_off + text_size and text_off < o + s for o, s in own), own
+
+
 def readelf_sections(path: Path) -> dict[str, tuple[int, int]]:
     out = ok(subprocess.run(["readelf", "-SW", str(path)], capture_output=True, text=True)).stdout
     sections = {}

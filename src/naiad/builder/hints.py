@@ -390,11 +390,7 @@ def _parse_elf(node: Node, head: bytes, read: Reader) -> _Elf | None:
                 strings.append((tag, value))
             else:
                 tags.setdefault(tag, value)
-        starts = [o for t in _TABLE_STARTS if t in tags and (o := file_offset(tags[t])) is not None]
-        ends = [o + tags[s] for t, s in _TABLE_SIZES.items()
-                if t in tags and s in tags and (o := file_offset(tags[t])) is not None]
-        if starts and ends and max(ends) > min(starts):
-            ranges.append((min(starts), max(ends) - min(starts)))
+        ranges += _loader_tables(tags, file_offset, loads)
         strtab = file_offset(tags.get(_DT_STRTAB, -1)) if _DT_STRTAB in tags else None
         size = min(tags.get(_DT_STRSZ, 0), 16 << 20)
         fits = strtab is not None and size and strtab + size <= node.size
@@ -410,6 +406,26 @@ def _parse_elf(node: Node, head: bytes, read: Reader) -> _Elf | None:
     clipped = sorted((off, min(size, MAX_RANGE, node.size - off))
                      for off, size in ranges if 0 <= off < node.size)
     return _Elf(machine, _merged(clipped), needed, runpath)
+
+
+def _loader_tables(tags: dict[int, int], file_offset: Callable[[int], int | None],
+                   loads: list[tuple[int, int, int, int]]) -> list[tuple[int, int]]:
+    """(offset, size) of each table the loader reads whole. A table with a size tag has that size;
+    one without (symbols, hashes, versions) runs to the next table or to the end of its segment.
+    Tables are not assumed to be together: patchelf (auditwheel's wheels) moves some to the end."""
+    starts = sorted({o for t in _TABLE_STARTS if t in tags and (o := file_offset(tags[t])) is not None})
+    out = []
+    for t in _TABLE_STARTS:
+        off = file_offset(tags[t]) if t in tags else None
+        if off is None:
+            continue
+        if t in _TABLE_SIZES and _TABLE_SIZES[t] in tags:
+            end = off + tags[_TABLE_SIZES[t]]
+        else:
+            segment_end = next(o + size for _, o, size, _ in loads if o <= off < o + size)
+            end = min([o for o in starts if o > off] + [segment_end])
+        out.append((off, end - off))
+    return out
 
 
 def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
