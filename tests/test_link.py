@@ -33,6 +33,13 @@ def test_a_fast_local_registry_gets_the_largest_read_ahead() -> None:
     assert 0.003 < latency < 0.008 and 300e6 < throughput < 1200e6
 
 
+def test_a_ceiling_caps_a_fast_link_but_not_a_slow_one() -> None:
+    fast, slow = fed(0.005, 600e6, SIZES, noise=0.1), fed(0.005, 12.5e6, SIZES, noise=0.1)
+    for link in (fast, slow):
+        link.ceiling = 1 * MiB  # a mount that follows access hints (storage/hints.py)
+    assert fast.amplify() == 1 * MiB and slow.amplify() == 128 * KiB
+
+
 def test_a_100_mbit_link_gets_a_small_read_ahead() -> None:
     link = fed(0.005, 12.5e6, SIZES, noise=0.1)  # 4 x 5 ms x 12.5 MB/s = 250 kB: 128K
     assert link.amplify() == 128 * KiB

@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 WORKERS = 4  # hinted range requests in flight at once
 BATCH = 1 << 20  # stored bytes one worker takes from the walk before fetching them
 BUDGET = 512 << 20  # stored bytes one mount fetches by hints at most
+# Read-ahead's ceiling when hints are followed: they fetch what a 2 MiB window used to catch by luck
+# (the next modules of a package, a library's tables). torchapp, unshaped, bench/datapath.py, 2
+# alternating runs each: 1 MiB 5.08-5.13 s and 89-93 MB, 2 MiB 5.16-5.49 s and 105-106 MB, 512 KiB
+# 5.48-5.65 s and 80-82 MB. (Behind 100 Mbit/s the link asks for less than either.)
+READ_AHEAD_CEILING = 1 << 20
 
 
 class HintPrefetcher:

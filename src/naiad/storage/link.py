@@ -17,7 +17,8 @@ squares; their sizes differ enough, since read-ahead stops at cached
 chunks and blob ends) and proposes `FACTOR * L * B`, rounded down to a power
 of two between `MIN_AMPLIFY` and `MAX_AMPLIFY`. Until it has seen enough
 requests, and whenever the fit makes no sense (concurrent requests share the
-link and blur it), it proposes `DEFAULT_AMPLIFY`.
+link and blur it), it proposes `DEFAULT_AMPLIFY`. A mount that follows the
+image's access hints lowers the ceiling (`ceiling`, storage/hints.py).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class LinkEstimate:
         self._samples: collections.deque[tuple[int, float]] = collections.deque(maxlen=WINDOW)
         self._lock = threading.Lock()
         self._amplify = DEFAULT_AMPLIFY
+        self.ceiling = MAX_AMPLIFY
 
     def record(self, nbytes: int, seconds: float) -> None:
         """One range request of `nbytes` took `seconds` (from asking to the last byte)."""
@@ -50,7 +52,7 @@ class LinkEstimate:
 
     def amplify(self) -> int:
         """Bytes to read ahead with the next miss."""
-        return self._amplify
+        return min(self._amplify, self.ceiling)
 
     def fit(self) -> tuple[float, float] | None:
         """(latency in seconds, throughput in bytes/s), if the samples give a sensible fit."""
