@@ -163,8 +163,18 @@ class _FileReader:
     def __init__(self, store: ChunkStore):
         self.store = store
         self._last: tuple[bytes, bytes] | None = None  # the chunk read last: ELF parsing rereads it
+        # Files' first bytes: placement and the hints ask for every bytecode file's header, twice.
+        self._headers: dict[int, bytes | None] = {}
 
     def __call__(self, node: Node, offset: int, size: int) -> bytes | None:
+        if offset == 0 and size <= HEADER_SIZE:
+            if id(node) not in self._headers:
+                self._headers[id(node)] = self._read(node, 0, HEADER_SIZE)
+            head = self._headers[id(node)]
+            return None if head is None else head[:size]
+        return self._read(node, offset, size)
+
+    def _read(self, node: Node, offset: int, size: int) -> bytes | None:
         cs = self.store.chunk_size
         end = min(offset + size, node.size)
         parts = []

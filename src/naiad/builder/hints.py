@@ -153,7 +153,7 @@ class _Image:
 
     def _imported_files(self, path: bytes, source: bytes) -> Iterator[bytes]:
         package = posixpath.dirname(path)
-        for m in _IMPORT.finditer(source):
+        for m in _import_statements(source):
             if m["names"] is not None:
                 for name in _names(m["names"]):
                     yield from self._module_files(path, name, 0)
@@ -334,6 +334,22 @@ class _Image:
 def _maybe_elf(path: bytes, node: Node) -> bool:
     """Worth reading the header of: a shared object (by name) or an executable (by mode)."""
     return bool(node.mode & 0o111) or b".so" in path.rsplit(b"/", 1)[-1]
+
+
+def _import_statements(source: bytes) -> Iterator[re.Match[bytes]]:
+    """The top-level import statements of `source`, in order. Lines are found with bytes.find, which
+    is many times faster than letting the regex try every position of 150 MB of sources."""
+    starts = []
+    for keyword in (b"import ", b"import\t", b"from ", b"from\t"):
+        if source.startswith(keyword):
+            starts.append(0)
+        i = source.find(b"\n" + keyword)
+        while i >= 0:
+            starts.append(i + 1)
+            i = source.find(b"\n" + keyword, i + 1)
+    for start in sorted(starts):
+        if m := _IMPORT.match(source, start):
+            yield m
 
 
 def _names(text: bytes) -> Iterator[bytes]:
