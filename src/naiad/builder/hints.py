@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from naiad.builder.placement import HEADER_SIZE, checked_hash
 from naiad.builder.tree import Node
+from naiad.format.pathwalk import follow
 
 # (trigger file, target file, offset, size): when the trigger is first read, fetch size bytes of the
 # target from offset (size -1: to its end; 0: nothing) and then follow the target's own hints.
@@ -38,7 +39,6 @@ Reader = Callable[[Node, int, int], "bytes | None"]
 
 MAX_SOURCE = 4 << 20  # a module bigger than this is not scanned for imports
 MAX_RANGE = 64 << 20  # no single ELF hint asks for more
-MAX_SYMLINKS = 16
 
 _IMPORT = re.compile(
     rb"^(?:import[ \t]+(?P<names>[^\n#;]+)"
@@ -102,33 +102,8 @@ class _Image:
     def node(self, path: bytes) -> Node | None:
         """The node at absolute `path`, symlinks followed; ".." stops at the root, as in a chroot."""
         if path not in self._nodes:
-            self._nodes[path] = self._walk(path)
+            self._nodes[path] = follow(path, self.root, _child, _link)
         return self._nodes[path]
-
-    def _walk(self, path: bytes) -> Node | None:
-        todo = [p for p in reversed(path.split(b"/")) if p]
-        stack = [self.root]
-        hops = 0
-        while todo:
-            part = todo.pop()
-            if part == b"..":
-                if len(stack) > 1:
-                    stack.pop()
-                continue
-            children = stack[-1].children
-            child = children.get(part) if children is not None and part != b"." else stack[-1]
-            if child is None:
-                return None
-            if stat.S_ISLNK(child.mode):
-                hops += 1
-                if hops > MAX_SYMLINKS or not child.target:
-                    return None
-                if child.target.startswith(b"/"):
-                    stack = [self.root]
-                todo.extend(p for p in reversed(child.target.split(b"/")) if p)
-            elif child is not stack[-1]:
-                stack.append(child)
-        return stack[-1]
 
     def _file(self, path: bytes) -> Node | None:
         node = self.node(path)
@@ -329,6 +304,14 @@ class _Image:
                 dirs += [base + b"/" + triplet, base] if triplet else [base]
             self._loader_dirs_of[machine] = [*dirs, b"/lib64", b"/usr/lib64", b"/usr/local/lib"]
         return self._loader_dirs_of[machine]
+
+
+def _child(node: Node, name: bytes) -> Node | None:
+    return node.children.get(name) if node.children is not None else None
+
+
+def _link(node: Node) -> bytes | None:
+    return node.target if stat.S_ISLNK(node.mode) else None
 
 
 def _maybe_elf(path: bytes, node: Node) -> bool:
