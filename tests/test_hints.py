@@ -12,7 +12,6 @@ fetching it.
 
 from __future__ import annotations
 
-import json
 import os
 import py_compile
 import shutil
@@ -196,21 +195,3 @@ def test_a_read_fetches_what_the_module_imports(hints: bool, registry: RegistryS
     assert node.stats(mnt)["misses"] == (2 if hints else 5)
     node.assert_cache_consistent()
 
-
-def test_a_mount_fetches_what_the_image_command_runs_before_it_runs(registry: RegistryServer,
-                                                                    node: Node) -> None:
-    """The image config names the program and its script: their hints are walked at mount."""
-    tree = app_tree(node.root / "tree")
-    config = node.root / "config.json"
-    config.write_text(json.dumps({"architecture": "amd64", "os": "linux", "config": {
-        "Entrypoint": ["main.py"], "Env": ["PATH=/nowhere:/app"], "WorkingDir": "/app"}}))
-    ref, _ = publish(node.home, tree, registry, "--config", config, name="entry")
-    mnt = node.mount(ref, "--amplify", "0")
-    bs = node.bootstrap()
-    wanted = {bs.file_chunks(bs.resolve(p))[0].digest for p in ("app/main.py", "app/pkg/helper.py")}
-    wait_for(lambda: wanted <= set(node.cache_rows()), "the program and what it imports in the cache")
-    stats = node.stats(mnt)
-    assert stats["files_read"] == 0 and stats["misses"] == 0  # nobody has read anything yet
-    assert bs.file_chunks(bs.resolve("app/pkg/lazy.py"))[0].digest not in node.cache_rows()
-    assert (mnt / "app/main.py").read_bytes() == (tree / "app/main.py").read_bytes()
-    assert node.stats(mnt)["misses"] == 0

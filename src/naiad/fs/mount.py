@@ -49,7 +49,7 @@ from naiad.oci.image import Platform, RegistryOptions, source_for
 from naiad.oci.reference import Reference
 from naiad.storage.cache import ChunkCache
 from naiad.storage.fetcher import ChunkFetcher
-from naiad.storage.hints import READ_AHEAD_CEILING, HintPrefetcher, entry_files
+from naiad.storage.hints import READ_AHEAD_CEILING, HintPrefetcher
 from naiad.storage.image import NaiadImage
 from naiad.storage.p2p import via_peer
 
@@ -182,8 +182,6 @@ def serve(ref: Reference, mountpoint: str, registry: RegistryOptions, options: M
             mount.hints = HintPrefetcher(img.bootstrap, fetcher)
             fetcher.on_miss = mount.hints.on_miss
             fetcher.link.ceiling = READ_AHEAD_CEILING
-            # The image's own command is what a container will most likely run first.
-            mount.hints.start(entry_files(img.bootstrap, img.image.config))
         if image is None:
             import pyfuse3
 

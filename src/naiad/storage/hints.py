@@ -12,15 +12,11 @@ reader that wants one meanwhile shares its fetch).
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
-import posixpath
 import threading
 from collections.abc import Iterator
 
-from naiad.format.bootstrap import ROOT_INO, Bootstrap, Chunk
-from naiad.format.pathwalk import follow
+from naiad.format.bootstrap import Bootstrap, Chunk
 from naiad.storage.fetcher import ChunkFetcher, FetchError
 from naiad.storage.ranges import contiguous_runs
 
@@ -34,34 +30,6 @@ BUDGET = 512 << 20  # stored bytes one mount fetches by hints at most
 # alternating runs each: 1 MiB 5.08-5.13 s and 89-93 MB, 2 MiB 5.16-5.49 s and 105-106 MB, 512 KiB
 # 5.48-5.65 s and 80-82 MB. (Behind 100 Mbit/s the link asks for less than either.)
 READ_AHEAD_CEILING = 1 << 20
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # runc's, without Env
-
-
-def entry_files(bs: Bootstrap, config: dict) -> list[int]:
-    """The regular files the image's default command names: its program, found on the image's PATH,
-    and the arguments that are files in the image (a script), from its working directory."""
-    cfg = config.get("config") or {}
-    argv = [str(a) for key in ("Entrypoint", "Cmd") if isinstance(cfg.get(key), list) for a in cfg[key]]
-    if not argv:
-        return []
-    env = dict(str(e).split("=", 1) for e in cfg.get("Env") or [] if "=" in str(e))
-    workdir = str(cfg.get("WorkingDir") or "/")
-    if "/" in argv[0]:
-        program = [posixpath.join(workdir, argv[0])]
-    else:
-        program = [f"{d}/{argv[0]}" for d in env.get("PATH", DEFAULT_PATH).split(":")]
-    files: list[int] = []
-    for candidates in [program, *([posixpath.join(workdir, a)] for a in argv[1:] if not a.startswith("-"))]:
-        for path in candidates:
-            ino = follow(os.fsencode(path), ROOT_INO, bs.lookup, functools.partial(_symlink_target, bs))
-            if ino is not None and bs.getattr(ino).is_reg:
-                files.append(ino)
-                break
-    return list(dict.fromkeys(files))
-
-
-def _symlink_target(bs: Bootstrap, ino: int) -> bytes | None:
-    return bs.readlink(ino) if bs.getattr(ino).is_symlink else None
 
 
 class HintPrefetcher:
@@ -92,13 +60,6 @@ class HintPrefetcher:
             self._expanded.update(roots)
             self._walks.append(self._walk([iter(h) for c in reversed(roots) if (h := self.bs.hints_of(c))]))
             self._cond.notify()
-
-    def start(self, inos: list[int]) -> None:
-        """Walk from files about to be read (`entry_files`): their first chunks, then their hints."""
-        with self._cond:
-            if inos and not self._closed:
-                self._walks.append(self._walk([iter([(ino, 0, 1) for ino in inos])]))
-                self._cond.notify()
 
     def snapshot(self) -> dict:
         with self._cond:
