@@ -1,7 +1,8 @@
 """Resolving a path inside an image with its symlinks followed, never out of the image's root.
 
-Shared by the builder (over its in-memory tree) and by mounts (over a bootstrap): a symlink's
-absolute target starts again at the image's root, and ".." stops there, as in a chroot.
+Generic over the tree it walks (the builder's access hints walk its in-memory tree; a bootstrap
+would do too): a symlink's absolute target starts again at the image's root, and ".." stops
+there, as in a chroot.
 """
 
 from __future__ import annotations
