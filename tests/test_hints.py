@@ -25,6 +25,7 @@ from test_mount import Node, naiad, ok, publish, wait_for
 from test_optimize import bootstrap_of
 
 from naiad.format.bootstrap import Bootstrap
+from naiad.format.pathwalk import follow
 
 LIBDIR = Path("/usr/lib/x86_64-linux-gnu")
 
@@ -195,3 +196,30 @@ def test_a_read_fetches_what_the_module_imports(hints: bool, registry: RegistryS
     assert node.stats(mnt)["misses"] == (2 if hints else 5)
     node.assert_cache_consistent()
 
+
+
+def test_path_walk_stays_in_the_image_and_stops_at_loops() -> None:
+    """format/pathwalk.follow, over a toy tree: absolute links restart at the image's root, ".."
+    stops there, and a loop ends in None instead of a hang."""
+    tree = {b"/": {b"usr": b"/usr", b"lib": b"->usr/lib", b"etc": b"/etc"},
+            b"/usr": {b"lib": b"/usr/lib"}, b"/usr/lib": {b"libc.so.6": b"/usr/lib/libc.so.6",
+                                                         b"up": b"->../../../../etc", b"a": b"->b",
+                                                         b"b": b"->a", b"abs": b"->/etc/passwd"},
+            b"/etc": {b"passwd": b"/etc/passwd"}, b"/etc/passwd": None, b"/usr/lib/libc.so.6": None}
+
+    def child(node: bytes, name: bytes) -> bytes | None:
+        entries = tree.get(node)
+        return entries.get(name) if isinstance(entries, dict) else None
+
+    def link(node: bytes) -> bytes | None:
+        return node[2:] if node.startswith(b"->") else None
+
+    def resolve(path: bytes) -> bytes | None:
+        return follow(path, b"/", child, link)
+
+    assert resolve(b"/lib/libc.so.6") == b"/usr/lib/libc.so.6"  # merged /usr
+    assert resolve(b"/usr/lib/up/passwd") == b"/etc/passwd"  # ".." past the root stays at the root
+    assert resolve(b"/usr/lib/../../../../etc/passwd") == b"/etc/passwd"
+    assert resolve(b"/usr/lib/abs") == b"/etc/passwd"  # an absolute target means the image's root
+    assert resolve(b"/usr/lib/a") is None  # a -> b -> a -> ...
+    assert resolve(b"/nowhere/x") is None
