@@ -33,6 +33,8 @@ READ_AHEAD_CEILING = 1 << 20
 
 
 class HintPrefetcher:
+    """One mount's walker of access hints: told each miss (`on_miss`), fetches what follows."""
+
     def __init__(self, bootstrap: Bootstrap, fetcher: ChunkFetcher, *, workers: int = WORKERS,
                  budget: int = BUDGET):
         self.bs = bootstrap
