@@ -26,6 +26,7 @@ from test_optimize import bootstrap_of
 
 from naiad.format.bootstrap import Bootstrap
 from naiad.format.pathwalk import follow
+from naiad.format.stats import bootstrap_stats
 
 LIBDIR = Path("/usr/lib/x86_64-linux-gnu")
 
@@ -85,6 +86,8 @@ def build(tmp_path: Path, tree: Path) -> Bootstrap:
 def test_python_hints_follow_top_level_imports(tmp_path: Path) -> None:
     bs = build(tmp_path, app_tree(tmp_path / "tree"))
     hints = hints_by_path(bs)
+    stats = bootstrap_stats(bs)  # what `naiad inspect` shows
+    assert stats["hint_triggers"] == len(hints) and stats["hints"] == sum(map(len, hints.values()))
     tag = sys.implementation.cache_tag  # py_compile names bytecode for the running interpreter
     helper_pyc, sibling_pyc = (f"/app/pkg/__pycache__/{n}.{tag}.pyc" for n in ("helper", "sibling"))
     assert hints["/app/main.py"] == [

@@ -230,6 +230,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"{stats['compression_ratio']:.2f})",
         f"bootstrap      {_human(img.bootstrap_desc.size)} ({_human(bootstrap_raw)} uncompressed)",
         f"prefetch list  {stats['prefetch_files']} files",
+        f"access hints   {stats['hints']}, keyed by {stats['hint_triggers']} files' first chunks",
         "blobs:",
     ]
     lines += [f"  {b['digest']}  {_human(b['size']):>10}  {b['chunks']:>7} chunks  "

@@ -1,4 +1,4 @@
-"""Figures about a bootstrap: entries, chunks, dedup and compression (for `naiad inspect`)."""
+"""Figures about a bootstrap: entries, chunks, dedup, compression, hints (for `naiad inspect`)."""
 
 from __future__ import annotations
 
@@ -44,5 +44,8 @@ def bootstrap_stats(bs: Bootstrap) -> dict[str, Any]:
         "compression_ratio": round(unique_bytes / stored_bytes, 4) if stored_bytes else 1.0,
         "prefetch_files": len({ino for ino, _ in bs.prefetch_list()}),
         "prefetch_bytes": sum(c.usize for c in bs.prefetch_chunks()),
+        # Access hints (docs/format.md §10): rows, and the chunks that start a walk.
+        "hints": bs.query("SELECT count(*) FROM hints")[0][0] if bs.has_hints else 0,
+        "hint_triggers": bs.query("SELECT count(DISTINCT chunk) FROM hints")[0][0] if bs.has_hints else 0,
         "blobs": blobs,
     }
