@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from naiad.format.bootstrap import Bootstrap, Chunk
+from naiad.storage.hints import walk
 
 
 def size(text: str) -> int:
@@ -39,25 +40,9 @@ class Replay:
         self.position = {c.id: (c.blob, i) for blob in self.layout.values() for i, c in enumerate(blob)}
 
     def hinted(self, root: int, expanded: set[int], visited: set[tuple[int, int]]) -> list[Chunk]:
-        """The chunks the hints of chunk `root` lead to, depth first, as storage/hints.py walks them."""
-        out: list[Chunk] = []
-        stack = [iter(self.bs.hints_of(root))]
-        while stack:
-            hint = next(stack[-1], None)
-            if hint is None:
-                stack.pop()
-                continue
-            ino, foffset, nbytes = hint
-            if (ino, foffset) in visited:
-                continue
-            visited.add((ino, foffset))
-            if nbytes:
-                out += self.bs.file_chunks(ino, foffset, nbytes)
-            first = self.bs.first_chunk(ino)
-            if first is not None and first not in expanded:
-                expanded.add(first)
-                stack.append(iter(self.bs.hints_of(first)))
-        return out
+        """The chunks the hints of chunk `root` lead to, as a mount walks them."""
+        walked = walk(self.bs, [iter(self.bs.hints_of(root))], expanded, visited)
+        return [c for chunks in walked for c in chunks]
 
     def run(self, read_ahead: int, hints: bool) -> tuple[int, int]:
         """(misses, bytes fetched) of the start, read-ahead `read_ahead` stored bytes."""

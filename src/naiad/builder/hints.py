@@ -27,7 +27,7 @@ import stat
 import struct
 from collections.abc import Callable, Iterator, Sequence
 
-from naiad.builder.placement import HEADER_SIZE, checked_hash
+from naiad.builder.placement import HEADER_SIZE, checked_hash, source_of_bytecode
 from naiad.builder.tree import Node
 from naiad.format.pathwalk import follow
 
@@ -90,6 +90,7 @@ class _Image:
         self._modules: dict[tuple[bytes, bytes, int], list[bytes]] = {}
         self._reads: dict[bytes, list[tuple[Node, int]]] = {}
         self._roots_of: dict[bytes, bytes] = {}
+        self._bytecode: dict[bytes, dict[bytes, list[bytes]]] = {}  # __pycache__ -> source -> bytecode
         dirs = [path for path, _, node in order if node.is_dir]
         python_libs = [d for d in dirs if _PYTHON_LIB.fullmatch(d)]
         # Where `import x` may find x besides the importer's own root: every site and dist
@@ -127,7 +128,6 @@ class _Image:
         return out
 
     def _imported_files(self, path: bytes, source: bytes) -> Iterator[bytes]:
-        package = posixpath.dirname(path)
         for m in _import_statements(source):
             if m["names"] is not None:
                 for name in _names(m["names"]):
@@ -141,10 +141,7 @@ class _Image:
             files = list(self._module_files(path, module, level)) if module else []
             yield from files
             if level:
-                base = package
-                for _ in range(level - 1):
-                    base = posixpath.dirname(base)
-                pkg_dir = base + (b"/" + module.replace(b".", b"/") if module else b"")
+                pkg_dir = _relative_base(path, level) + (b"/" + module.replace(b".", b"/") if module else b"")
             elif files and files[-1].endswith(b"/__init__.py"):
                 pkg_dir = posixpath.dirname(files[-1])
             else:
@@ -158,12 +155,7 @@ class _Image:
 
     def _module_files(self, path: bytes, module: bytes, level: int) -> list[bytes]:
         """The files that importing `module` (relative at `level`, from `path`) executes, outermost first."""
-        if level:
-            base = posixpath.dirname(path)
-            for _ in range(level - 1):
-                base = posixpath.dirname(base)
-        else:
-            base = self._root_of(path)
+        base = _relative_base(path, level) if level else self._root_of(path)
         key = (base, module, level)
         if key not in self._modules:
             self._modules[key] = list(self._find_module_files(base, module, level))
@@ -239,14 +231,15 @@ class _Image:
                 yield node, -1
 
     def bytecode_paths(self, source: bytes) -> list[bytes]:
-        directory, name = posixpath.split(source)
-        stem = name[:-3]
-        cache = self.node(directory + b"/__pycache__")
-        if cache is None or cache.children is None:
-            return []
-        return [directory + b"/__pycache__/" + n for n in sorted(cache.children)
-                if n.startswith(stem + b".") and n.endswith(b".pyc") and b".opt-" not in n
-                and n.count(b".") == 2]
+        cache_dir = posixpath.dirname(source) + b"/__pycache__"
+        if cache_dir not in self._bytecode:
+            cache = self.node(cache_dir)
+            by_source: dict[bytes, list[bytes]] = {}
+            for n in sorted(cache.children) if cache is not None and cache.children is not None else ():
+                if (of := source_of_bytecode(cache_dir + b"/" + n)) is not None:
+                    by_source.setdefault(of, []).append(cache_dir + b"/" + n)
+            self._bytecode[cache_dir] = by_source
+        return self._bytecode[cache_dir].get(source, [])
 
     def bytecode_of(self, source: bytes) -> list[Node]:
         return [n for p in self.bytecode_paths(source) if (n := self._file(p)) is not None]
@@ -304,6 +297,14 @@ class _Image:
                 dirs += [base + b"/" + triplet, base] if triplet else [base]
             self._loader_dirs_of[machine] = [*dirs, b"/lib64", b"/usr/lib64", b"/usr/local/lib"]
         return self._loader_dirs_of[machine]
+
+
+def _relative_base(path: bytes, level: int) -> bytes:
+    """The directory a relative import of `level` dots in the module at `path` starts from."""
+    base = posixpath.dirname(path)
+    for _ in range(level - 1):
+        base = posixpath.dirname(base)
+    return base
 
 
 def _child(node: Node, name: bytes) -> Node | None:
@@ -421,7 +422,7 @@ def _loader_tables(tags: dict[int, int], file_offset: Callable[[int], int | None
         if t in _TABLE_SIZES and _TABLE_SIZES[t] in tags:
             end = off + tags[_TABLE_SIZES[t]]
         else:
-            segment_end = next(o + size for _, o, size, _ in loads if o <= off < o + size)
+            segment_end = next((o + size for _, o, size, _ in loads if o <= off < o + size), off)
             end = min([o for o in starts if o > off] + [segment_end])
         out.append((off, end - off))
     return out

@@ -37,11 +37,8 @@ def placement(order: Sequence[tuple[bytes, Node, Node]],
     before: dict[bytes, list[Node]] = {}
     moved: set[int] = set()
     for path, node in files.items():
-        m = _BYTECODE.fullmatch(path)
-        if m is None:
-            continue
-        source = m[1] + b"/" + m[2] + b".py"
-        if source in files and checked_hash(header(node)):
+        source = source_of_bytecode(path)
+        if source is not None and source in files and checked_hash(header(node)):
             before.setdefault(source, []).append(node)
             moved.add(id(node))
     for path, _parent, node in order:
@@ -49,6 +46,12 @@ def placement(order: Sequence[tuple[bytes, Node, Node]],
             continue
         yield from before.get(path, ())
         yield node
+
+
+def source_of_bytecode(path: bytes) -> bytes | None:
+    """`D/N.py` for plain bytecode `D/__pycache__/N.TAG.pyc`, else None."""
+    m = _BYTECODE.fullmatch(path)
+    return None if m is None else m[1] + b"/" + m[2] + b".py"
 
 
 def checked_hash(header: bytes | None) -> bool:

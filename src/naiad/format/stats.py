@@ -45,7 +45,7 @@ def bootstrap_stats(bs: Bootstrap) -> dict[str, Any]:
         "prefetch_files": len({ino for ino, _ in bs.prefetch_list()}),
         "prefetch_bytes": sum(c.usize for c in bs.prefetch_chunks()),
         # Access hints (docs/format.md §10): rows, and the chunks that start a walk.
-        "hints": bs.query("SELECT count(*) FROM hints")[0][0] if bs.has_hints else 0,
+        "hints": bs.count("hints") if bs.has_hints else 0,
         "hint_triggers": bs.query("SELECT count(DISTINCT chunk) FROM hints")[0][0] if bs.has_hints else 0,
         "blobs": blobs,
     }

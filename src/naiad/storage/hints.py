@@ -32,6 +32,29 @@ BUDGET = 512 << 20  # stored bytes one mount fetches by hints at most
 READ_AHEAD_CEILING = 1 << 20
 
 
+def walk(bs: Bootstrap, stack: list[Iterator[tuple[int, int, int]]], expanded: set[int],
+         visited: set[tuple[int, int]]) -> Iterator[list[Chunk]]:
+    """The chunks of each hint on `stack` (the last iterator first) and of the hints they lead to,
+    depth first. `expanded` holds the chunks whose hints were walked, `visited` the (ino, foffset)
+    of hints taken; both carry over from walk to walk of one mount."""
+    while stack:
+        hint = next(stack[-1], None)
+        if hint is None:
+            stack.pop()
+            continue
+        ino, foffset, size = hint
+        if (ino, foffset) in visited:
+            continue
+        visited.add((ino, foffset))
+        if size:
+            yield bs.file_chunks(ino, foffset, size)
+        first = bs.first_chunk(ino)
+        if first is not None and first not in expanded:
+            expanded.add(first)
+            if nested := bs.hints_of(first):
+                stack.append(iter(nested))
+
+
 class HintPrefetcher:
     """One mount's walker of access hints: told each miss (`on_miss`), fetches what follows."""
 
@@ -74,26 +97,10 @@ class HintPrefetcher:
             self._cond.notify_all()
 
     def _walk(self, stack: list[Iterator[tuple[int, int, int]]]) -> Iterator[list[Chunk]]:
-        """The chunks of each hint on `stack` (the last first) and of those they lead to, depth first
-        (called under the lock)."""
+        """`walk`, counted (called under the lock)."""
         if stack:
             self.triggers += 1
-        while stack:
-            hint = next(stack[-1], None)
-            if hint is None:
-                stack.pop()
-                continue
-            ino, foffset, size = hint
-            if (ino, foffset) in self._visited:
-                continue
-            self._visited.add((ino, foffset))
-            if size:
-                yield self.bs.file_chunks(ino, foffset, size)
-            first = self.bs.first_chunk(ino)
-            if first is not None and first not in self._expanded:
-                self._expanded.add(first)
-                if nested := self.bs.hints_of(first):
-                    stack.append(iter(nested))
+        yield from walk(self.bs, stack, self._expanded, self._visited)
 
     def _take(self) -> list[Chunk]:
         """Up to BATCH stored bytes of chunks to fetch next, none cached (called under the lock)."""
