@@ -24,6 +24,7 @@ from registry_server import RegistryServer
 from test_mount import Node, naiad, ok, publish, wait_for
 from test_optimize import bootstrap_of
 
+from naiad.builder.hints import CODE_GRAIN
 from naiad.format.bootstrap import Bootstrap
 from naiad.format.pathwalk import follow
 from naiad.format.stats import bootstrap_stats
@@ -158,8 +159,64 @@ def test_elf_hints_of_a_patched_object_skip_its_code(tmp_path: Path) -> None:
     for name in (".dynsym", ".dynstr", ".rela.dyn"):
         off, size = sections[name]
         assert any(o <= off and off + size <= o + s for o, s in own), (name, own)
+    # Of the code, only what its initialisers run (frame_dummy and the like, a grain or two).
     text_off, text_size = sections[".text"]
-    assert not any(o < text_off + text_size and text_off < o + s for o, s in own), own
+    in_text = sum(min(o + s, text_off + text_size) - max(o, text_off) for o, s in own
+                  if o < text_off + text_size and text_off < o + s)
+    assert in_text <= 2 * CODE_GRAIN < text_size / 4, own
+
+
+# A C++ library whose static initialiser calls an exported function (through the PLT), which calls
+# a file-local one directly, which calls another exported one; a fourth is never called. Padding
+# between them (no unwind information: not functions) puts each in a chunk of its own.
+INIT_LIBRARY = r"""
+asm(".text\n.skip 1048576, 0xcc\n");
+extern "C" __attribute__((noinline)) int reached(int x) { return x * 7 + 1; }
+asm(".text\n.skip 1048576, 0xcc\n");
+static __attribute__((noinline)) int direct(int x) { return reached(x) + 3; }
+asm(".text\n.skip 1048576, 0xcc\n");
+extern "C" __attribute__((noinline)) int never(int x) { return x * 13; }
+asm(".text\n.skip 1048576, 0xcc\n");
+extern "C" __attribute__((noinline)) int via_plt(int x) { return direct(x) + 1; }
+struct Init { Init() { value = via_plt(2); } int value; };
+Init init;
+"""
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_elf_hints_name_the_code_its_initialisers_run(tmp_path: Path) -> None:
+    src = write(tmp_path, "init.cpp", INIT_LIBRARY)
+    tree = tmp_path / "tree"
+    lib = tree / "usr/lib/libinit.so"
+    lib.parent.mkdir(parents=True)
+    ok(subprocess.run(["g++", "-O1", "-fPIC", "-shared", "-fno-toplevel-reorder", "-o", str(lib), str(src)],
+                      capture_output=True, text=True))
+    offsets = function_offsets(lib)
+    calls = ok(subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(lib)], capture_output=True,
+                              text=True)).stdout
+    assert "call" in calls and "<via_plt@plt>" in calls, "the initialiser no longer calls through the PLT"
+    own = [(off, size) for _, off, size in hints_by_path(build(tmp_path, tree))["/usr/lib/libinit.so"]]
+
+    def hinted(name: str) -> bool:
+        return any(o <= offsets[name] < o + s for o, s in own)
+
+    ctor = next(n for n in offsets if n.startswith("_GLOBAL__sub_I"))
+    assert hinted(ctor) and hinted("via_plt") and hinted("reached")
+    assert hinted(next(n for n in offsets if "direct" in n))  # _ZL6directi
+    assert not hinted("never"), own
+
+
+def function_offsets(lib: Path) -> dict[str, int]:
+    """File offset of each function symbol (`nm`'s address, through .text's address and offset)."""
+    listing = ok(subprocess.run(["readelf", "-SW", str(lib)], capture_output=True, text=True)).stdout
+    text = next(ln.replace("[ ", "[").split() for ln in listing.splitlines() if " .text " in ln)
+    text_addr, text_offset = int(text[3], 16), int(text[4], 16)
+    out = {}
+    for line in ok(subprocess.run(["nm", str(lib)], capture_output=True, text=True)).stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1] in "tT":
+            out[parts[2]] = int(parts[0], 16) - text_addr + text_offset
+    return out
 
 
 def readelf_sections(path: Path) -> dict[str, tuple[int, int]]:

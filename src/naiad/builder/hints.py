@@ -27,6 +27,7 @@ import stat
 import struct
 from collections.abc import Callable, Iterator, Sequence
 
+from naiad.builder.elfcode import init_code
 from naiad.builder.placement import HEADER_SIZE, checked_hash, source_of_bytecode
 from naiad.builder.tree import Node
 from naiad.format.pathwalk import follow
@@ -64,8 +65,11 @@ def access_hints(root: Node, order: Sequence[tuple[bytes, Node, Node]], read: Re
                 checked = checked_hash(read(bytecode, 0, HEADER_SIZE))
                 hints.append((bytecode, node, 0, -1 if checked else 0))
         elif _maybe_elf(path, node) and (elf := image.elf(node)) is not None:
+            # The loader's order: this object's tables and data, its libraries (whose initialisers
+            # run first), then this object's initialisers.
             hints.extend((node, node, off, size) for off, size in elf.ranges)
             hints.extend((node, lib, 0, 1) for lib in image.needed(path, elf))
+            hints.extend((node, node, off, size) for off, size in elf.init_code)
     return hints
 
 
@@ -75,6 +79,7 @@ class _Elf:
     ranges: list[tuple[int, int]]  # (offset, size) the loader reads whole
     needed: list[bytes]
     runpath: list[bytes]
+    init_code: list[tuple[int, int]]  # (offset, size) its initialisers may run (builder/elfcode.py)
 
 
 class _Image:
@@ -347,7 +352,8 @@ def _names(text: bytes) -> Iterator[bytes]:
 _DT_NEEDED, _DT_STRTAB, _DT_STRSZ, _DT_RPATH, _DT_RUNPATH = 1, 5, 10, 15, 29
 _TABLE_STARTS = (4, 5, 6, 7, 17, 23, 36, 0x6FFFFEF5, 0x6FFFFFF0, 0x6FFFFFFC, 0x6FFFFFFE)
 _TABLE_SIZES = {5: 10, 7: 8, 17: 18, 23: 2, 36: 35}  # table -> the tag of its size
-_PT_LOAD, _PT_DYNAMIC, _PF_W = 1, 2, 2
+_PT_LOAD, _PT_DYNAMIC, _PT_GNU_EH_FRAME, _PF_W = 1, 2, 0x6474E550, 2
+CODE_GRAIN = 64 << 10  # initialiser code is hinted in aligned pieces of this size: a fetch is chunks
 
 
 def _parse_elf(node: Node, head: bytes, read: Reader) -> _Elf | None:
@@ -362,13 +368,15 @@ def _parse_elf(node: Node, head: bytes, read: Reader) -> _Elf | None:
     if phdrs is None or len(phdrs) < phnum * 56:
         return None
     loads: list[tuple[int, int, int, int]] = []  # vaddr, offset, filesz, flags
-    dynamic = None
+    dynamic = eh_frame_hdr = None
     for i in range(phnum):
         p_type, flags, offset, vaddr, _paddr, filesz = struct.unpack_from("<IIQQQQ", phdrs, i * 56)
         if p_type == _PT_LOAD:
             loads.append((vaddr, offset, filesz, flags))
         elif p_type == _PT_DYNAMIC:
             dynamic = (offset, min(filesz, 1 << 16))
+        elif p_type == _PT_GNU_EH_FRAME:
+            eh_frame_hdr = (vaddr, filesz)
 
     def file_offset(vaddr: int) -> int | None:
         for va, off, size, _ in loads:
@@ -379,6 +387,7 @@ def _parse_elf(node: Node, head: bytes, read: Reader) -> _Elf | None:
     ranges = [(off, size) for _, off, size, flags in loads if flags & _PF_W and size]
     needed: list[bytes] = []
     runpath: list[bytes] = []
+    code: list[tuple[int, int]] = []
     if dynamic is not None and dynamic[0] + dynamic[1] <= node.size:
         raw = read(node, *dynamic) or b""
         tags: dict[int, int] = {}
@@ -391,6 +400,7 @@ def _parse_elf(node: Node, head: bytes, read: Reader) -> _Elf | None:
             else:
                 tags.setdefault(tag, value)
         ranges += _loader_tables(tags, file_offset, loads)
+        code = init_code(machine, tags, loads, eh_frame_hdr, lambda off, size: read(node, off, size))
         strtab = file_offset(tags.get(_DT_STRTAB, -1)) if _DT_STRTAB in tags else None
         size = min(tags.get(_DT_STRSZ, 0), 16 << 20)
         fits = strtab is not None and size and strtab + size <= node.size
@@ -403,9 +413,33 @@ def _parse_elf(node: Node, head: bytes, read: Reader) -> _Elf | None:
                     needed.append(name)
             elif tag == _DT_RUNPATH or not any(t == _DT_RUNPATH for t, _ in strings):
                 runpath += [d for d in name.split(b":") if d]  # DT_RPATH counts only without RUNPATH
-    clipped = sorted((off, min(size, MAX_RANGE, node.size - off))
-                     for off, size in ranges if 0 <= off < node.size)
-    return _Elf(machine, _merged(clipped), needed, runpath)
+    loader = _merged(_clipped(ranges, node.size))
+    grains = []
+    for off, size in code:
+        start = off // CODE_GRAIN * CODE_GRAIN
+        grains.append((start, -(-(off + size) // CODE_GRAIN) * CODE_GRAIN - start))
+    return _Elf(machine, loader, needed, runpath, _without(_merged(_clipped(grains, node.size)), loader))
+
+
+def _clipped(ranges: list[tuple[int, int]], file_size: int) -> list[tuple[int, int]]:
+    return sorted((off, min(size, MAX_RANGE, file_size - off))
+                  for off, size in ranges if 0 <= off < file_size)
+
+
+def _without(ranges: list[tuple[int, int]], taken: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """`ranges` (sorted, disjoint) less the bytes of `taken` (sorted, disjoint)."""
+    out = []
+    for off, size in ranges:
+        end = off + size
+        for t_off, t_size in taken:
+            if t_off + t_size <= off or t_off >= end:
+                continue
+            if t_off > off:
+                out.append((off, t_off - off))
+            off = max(off, t_off + t_size)
+        if off < end:
+            out.append((off, end - off))
+    return out
 
 
 def _loader_tables(tags: dict[int, int], file_offset: Callable[[int], int | None],
