@@ -70,6 +70,7 @@ def init_code(machine: int, tags: dict[int, int], loads: list[tuple[int, int, in
     plt = _PltTargets(code, tags)
     seen = set(roots)
     queue = collections.deque(roots)
+    callees: dict[int, int | None] = {}  # call target -> the function it enters, if one
     out: list[tuple[int, int]] = []
     total = 0
     while queue and len(seen) <= MAX_FUNCTIONS and total <= MAX_CODE:
@@ -82,13 +83,15 @@ def init_code(machine: int, tags: dict[int, int], loads: list[tuple[int, int, in
         out.append((code.offset(start), len(body)))  # type: ignore[arg-type]  # (at() found it)
         total += len(body)
         for target in _call_targets(body, start):
-            if not _is_start(starts, target):
-                target = plt.resolve(target)
-                if target is None or not _is_start(starts, target):
-                    continue
-            if target not in seen:
-                seen.add(target)
-                queue.append(target)
+            if target in seen:
+                continue
+            if target not in callees:  # most targets are called from many places
+                callee = target if _is_start(starts, target) else plt.resolve(target)
+                callees[target] = callee if callee is not None and _is_start(starts, callee) else None
+            callee = callees[target]
+            if callee is not None and callee not in seen:
+                seen.add(callee)
+                queue.append(callee)
     return out
 
 
@@ -133,6 +136,12 @@ class _Code:
         return None
 
     def _bytes(self, start: int, end: int) -> bytes | None:
+        block = start // BLOCK
+        if block == (end - 1) // BLOCK:  # the common case: no join
+            if block not in self._blocks:
+                self._blocks[block] = self.read(block * BLOCK, BLOCK)
+            data = self._blocks[block]
+            return None if data is None else data[start - block * BLOCK: end - block * BLOCK]
         parts = []
         for block in range(start // BLOCK, (end - 1) // BLOCK + 1):
             if block not in self._blocks:
