@@ -4,8 +4,10 @@ fetching it.
 - The builder: a module's top-level imports (absolute, relative, `from package import submodule`,
   extension modules), not those inside functions or `try`; checked-hash bytecode leads to its
   source (fetched), timestamp bytecode only follows it; an ELF object's loader tables and its
-  DT_NEEDED libraries (real system libraries, found through symlinks); garbage that looks like
-  an ELF object or a module breaks nothing, and symlinks never lead out of the image.
+  DT_NEEDED libraries (real system libraries, found through symlinks), and the code its static
+  initialisers call (a C++ library compiled here); garbage that looks like an ELF object or a
+  module, or an object at addresses past 2^63, breaks nothing, and symlinks never lead out of the
+  image.
 - The mount: reading one module fetches what it imports, before anyone reads it, and nothing
   else; `--no-hints` fetches only what is read. Bytes read are the image's either way.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 import py_compile
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -60,10 +63,29 @@ def app_tree(root: Path) -> Path:
     write(root, "app/pkg/deep/__init__.py", "")
     write(root, "app/pkg/deep/mod.py", "thing = 5\n")
     write(root, "app/native.cpython-311-x86_64-linux-gnu.so", b"\x7fELF" + os.urandom(3000))  # garbage
+    write(root, "app/libhigh.so", high_address_elf())  # well formed, addresses past 2^63
     write(root, "app/broken.py", b"from \xff\xfe import (\nimport ...\nfrom . import\n" + os.urandom(500))
     compile_pyc(root / "app/pkg/helper.py", py_compile.PycInvalidationMode.CHECKED_HASH)
     compile_pyc(root / "app/pkg/sibling.py", py_compile.PycInvalidationMode.TIMESTAMP)
     return root
+
+
+def high_address_elf() -> bytes:
+    """A small x86-64 object whose one segment, initialiser and unwind table sit at the top of the
+    address space: parsed as given, it overflows 64-bit arithmetic."""
+    base = (1 << 64) - 4096
+    header = (b"\x7fELF\x02\x01\x01" + bytes(9) + struct.pack("<HHIQQQIHHHHHH", 3, 62, 1, 0, 64, 0, 0,
+                                                                  64, 56, 3, 0, 0, 0))
+    phdrs = b"".join(struct.pack("<IIQQQQQQ", *p) for p in (
+        (1, 5, 0, base, base, 1024, 1024, 4096),  # PT_LOAD, R+X
+        (2, 6, 256, base + 256, base + 256, 48, 48, 8),  # PT_DYNAMIC
+        (0x6474E550, 4, 600, base + 600, base + 600, 20, 20, 4)))  # PT_GNU_EH_FRAME
+    body = bytearray(1024)
+    body[:len(header + phdrs)] = header + phdrs
+    body[256:304] = struct.pack("<qQqQqQ", 25, base + 512, 27, 8, 0, 0)  # DT_INIT_ARRAY(SZ)
+    body[512:520] = struct.pack("<Q", base + 600)
+    body[600:620] = bytes([1, 0x1B, 0x03, 0x3B]) + struct.pack("<iIii", 0, 1, 0, 0)
+    return bytes(body)
 
 
 def hints_by_path(bs: Bootstrap) -> dict[str, list[tuple[str, int, int]]]:
@@ -107,6 +129,7 @@ def test_python_hints_follow_top_level_imports(tmp_path: Path) -> None:
     # Garbage after an ELF magic and a module that is no Python: no hints of their own, and the
     # build went on.
     assert "/app/native.cpython-311-x86_64-linux-gnu.so" not in hints
+    assert "/app/libhigh.so" not in hints
     assert "/app/broken.py" not in hints
     for targets in hints.values():
         assert not {t for t, _, _ in targets} & {"/app/pkg/lazy.py", "/app/pkg/optional.py"}

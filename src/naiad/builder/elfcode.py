@@ -95,6 +95,14 @@ def init_code(machine: int, tags: dict[int, int], loads: list[tuple[int, int, in
     return out
 
 
+def file_offset(loads: list[tuple[int, int, int, int]], vaddr: int) -> int | None:
+    """Where `vaddr` is in the file, by the PT_LOAD segments (vaddr, offset, filesz, flags)."""
+    for va, off, size, _ in loads:
+        if va <= vaddr < va + size:
+            return off + vaddr - va
+    return None
+
+
 def _is_start(starts: array, vaddr: int) -> bool:
     i = bisect.bisect_left(starts, vaddr)
     return i < len(starts) and starts[i] == vaddr
@@ -121,10 +129,7 @@ class _Code:
         self._blocks: dict[int, bytes | None] = {}
 
     def offset(self, vaddr: int) -> int | None:
-        for va, off, size, _ in self.loads:
-            if va <= vaddr < va + size:
-                return off + vaddr - va
-        return None
+        return file_offset(self.loads, vaddr)
 
     def at(self, vaddr: int, size: int) -> bytes | None:
         """`size` bytes at `vaddr`, cut at the end of its segment; None outside every segment."""

@@ -21,13 +21,14 @@ depth first, which is the order an interpreter imports in.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import posixpath
 import re
 import stat
 import struct
 from collections.abc import Callable, Iterator, Sequence
 
-from naiad.builder.elfcode import init_code
+from naiad.builder import elfcode
 from naiad.builder.placement import HEADER_SIZE, checked_hash, source_of_bytecode
 from naiad.builder.tree import Node
 from naiad.format.pathwalk import follow
@@ -270,7 +271,7 @@ class _Image:
             return None
         try:
             return _parse_elf(node, head, self.read)
-        except (struct.error, ValueError, IndexError):
+        except (struct.error, ValueError, IndexError, OverflowError):
             return None  # not an object the loader would take either
 
     def needed(self, path: bytes, elf: _Elf) -> list[Node]:
@@ -378,12 +379,7 @@ def _parse_elf(node: Node, head: bytes, read: Reader) -> _Elf | None:
         elif p_type == _PT_GNU_EH_FRAME:
             eh_frame_hdr = (vaddr, filesz)
 
-    def file_offset(vaddr: int) -> int | None:
-        for va, off, size, _ in loads:
-            if va <= vaddr < va + size:
-                return off + vaddr - va
-        return None
-
+    file_offset = functools.partial(elfcode.file_offset, loads)
     ranges = [(off, size) for _, off, size, flags in loads if flags & _PF_W and size]
     needed: list[bytes] = []
     runpath: list[bytes] = []
@@ -400,7 +396,7 @@ def _parse_elf(node: Node, head: bytes, read: Reader) -> _Elf | None:
             else:
                 tags.setdefault(tag, value)
         ranges += _loader_tables(tags, file_offset, loads)
-        code = init_code(machine, tags, loads, eh_frame_hdr, lambda off, size: read(node, off, size))
+        code = elfcode.init_code(machine, tags, loads, eh_frame_hdr, lambda off, size: read(node, off, size))
         strtab = file_offset(tags.get(_DT_STRTAB, -1)) if _DT_STRTAB in tags else None
         size = min(tags.get(_DT_STRSZ, 0), 16 << 20)
         fits = strtab is not None and size and strtab + size <= node.size

@@ -1,8 +1,8 @@
 """Fetching ahead by the image's access hints (docs/format.md §10) as a lazy start misses.
 
 When a reader misses a file's first chunk, the chunk's hints say which bytes
-the app reads next: a Python module's imports, an ELF object's loader tables
-and libraries. They are fetched, and their own hints in turn, depth first:
+the app reads next: a Python module's imports, an ELF object's loader tables,
+libraries and initialisers' code. They are fetched, and their own hints in turn, depth first:
 the order an interpreter imports in. The newest miss goes first, since that
 is where the app is now. A few fetches run at once, each on a thread of this
 prefetcher, so that readers never queue behind them in the fetcher's pool,
@@ -32,11 +32,10 @@ BUDGET = 512 << 20  # stored bytes one mount fetches by hints at most
 READ_AHEAD_CEILING = 1 << 20
 # A hinted fetch reads across a gap of uncached chunks between two hinted runs of one blob when
 # the gap's bytes cost less time than a request of their own: up to latency x throughput of the
-# link (storage/link.py), within these bounds, GAP_DEFAULT until the link has a fit. torchapp,
+# link (storage/link.py), within these bounds, GAP_MAX until the link has a fit. torchapp,
 # unshaped (bench/datapath.py): 330-360 requests instead of 500 for 1-3 MB more; a ceiling of
 # 1 MiB made 230 requests but fetched 10 MB more.
 GAP_MIN = 16 << 10
-GAP_DEFAULT = 64 << 10
 GAP_MAX = 64 << 10
 
 
@@ -134,7 +133,7 @@ class HintPrefetcher:
         read-ahead, `--amplify`, bounds it too: reading a gap is reading ahead)."""
         fixed = self.fetcher.amplify
         fit = self.fetcher.link.fit()
-        gap = GAP_DEFAULT if fit is None else int(min(max(fit[0] * fit[1], GAP_MIN), GAP_MAX))
+        gap = GAP_MAX if fit is None else int(min(max(fit[0] * fit[1], GAP_MIN), GAP_MAX))
         return gap if fixed is None else min(gap, fixed)
 
     def _spans(self, batch: list[Chunk]) -> list[list[Chunk]]:
