@@ -98,7 +98,8 @@ def one(ref: str, mnt: Path, env: dict[str, str], mode: str, amplify: str | None
             "served_mb": round(stats["bytes_served"] / 1e6, 1), "reads": stats.get("reads"),
             "amplify_k": (stats.get("amplify") or 0) >> 10, "link": stats.get("link"),
             "hinted_mb": round((stats.get("hints") or {}).get("bytes", 0) / 1e6, 1),
-            "misses": stats.get("misses"), "joined": stats.get("joined")}
+            "misses": stats.get("misses"), "joined": stats.get("joined"),
+            "miss_wait_s": stats.get("miss_wait_s"), "join_wait_s": stats.get("join_wait_s")}
 
 
 def main() -> None:

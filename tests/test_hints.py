@@ -10,16 +10,21 @@ fetching it.
   image.
 - The mount: reading one module fetches what it imports, before anyone reads it, and nothing
   else; `--no-hints` fetches only what is read. Bytes read are the image's either way.
+- The prefetcher: a walk's range requests run on all its threads at once, in the order the app
+  imports, not the order the blob stores.
 """
 
 from __future__ import annotations
 
 import os
 import py_compile
+import random
 import shutil
 import struct
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +36,12 @@ from naiad.builder.hints import CODE_GRAIN
 from naiad.format.bootstrap import Bootstrap
 from naiad.format.pathwalk import follow
 from naiad.format.stats import bootstrap_stats
+from naiad.oci.image import open_source
+from naiad.oci.reference import parse_reference
+from naiad.storage.cache import ChunkCache
+from naiad.storage.fetcher import ChunkFetcher
+from naiad.storage.hints import WORKERS, HintPrefetcher
+from naiad.storage.image import NaiadImage
 
 LIBDIR = Path("/usr/lib/x86_64-linux-gnu")
 
@@ -279,6 +290,62 @@ def test_a_read_fetches_what_the_module_imports(hints: bool, registry: RegistryS
     assert node.stats(mnt)["misses"] == (2 if hints else 5)
     node.assert_cache_consistent()
 
+
+
+class SlowBackend:
+    """An OCI layout's blobs, every range request taking `delay` seconds (a distant registry);
+    records the offset each request starts at and how many ran at once."""
+
+    def __init__(self, source, delay: float):
+        self.source, self.delay = source, delay
+        self.offsets: list[int] = []
+        self.active = self.peak = 0
+        self._lock = threading.Lock()
+
+    def read_range(self, digest: str, offset: int, size: int) -> bytes:
+        with self._lock:
+            self.offsets.append(offset)
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        try:
+            time.sleep(self.delay)
+            return self.source.read_range(digest, offset, size)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+
+def test_hinted_fetches_run_at_once_in_the_order_the_app_imports(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    names = [f"m{i:02d}" for i in range(16)]
+    write(tree, "app/main.py", "".join(f"import {n}\n" for n in reversed(names)))  # m15 first
+    rnd = random.Random(5)
+    for n in names:
+        write(tree, f"app/{n}.py", f"X = {n!r}\n")
+        # Stored between two modules, too big to read across: one range request per module.
+        write(tree, f"app/{n}x.dat", rnd.randbytes(100_000))
+    build(tmp_path, tree)
+    img = NaiadImage.open(open_source(parse_reference(f"oci:{tmp_path / 'layout'}:v1")))
+    bs = img.bootstrap
+    backend = SlowBackend(img.source, 0.05)
+    cache = ChunkCache(str(tmp_path / "cache"))
+    fetcher = ChunkFetcher(bs, backend, cache, amplify=0)
+    hints = HintPrefetcher(bs, fetcher)
+    fetcher.on_miss = hints.on_miss
+    try:
+        fetcher.read(bs.file_chunks(bs.resolve("/app/main.py")))
+        modules = [bs.file_chunks(bs.resolve(f"/app/{n}.py"))[0] for n in names]
+        wait_for(lambda: all(cache.contains(c.digest) for c in modules), "the imported modules cached")
+        assert backend.peak == 1 + WORKERS  # main.py's own request, and every hint thread's
+        # The first requests after main.py's own are the modules it imports first.
+        first = {c.offset: n for c, n in zip(modules, names, strict=True)}
+        assert {first.get(o) for o in backend.offsets[1:1 + WORKERS]} == set(names[-WORKERS:])
+        assert len(backend.offsets) == 1 + len(names)  # nothing else, nothing twice
+    finally:
+        hints.close()
+        fetcher.close()
+        cache.close()
+        img.close()
 
 
 def test_path_walk_stays_in_the_image_and_stops_at_loops() -> None:

@@ -395,6 +395,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         f"({stats['chunks_fetched']} chunks, {stats['errors']} errors)",
         f"from cache     {stats['chunks_from_cache']} chunks; readers missed {stats.get('misses', '?')}, "
         f"joined {stats.get('joined', '?')} in flight",
+        f"readers waited {stats.get('miss_wait_s', '?')} s on their misses, "
+        f"{stats.get('join_wait_s', '?')} s on fetches in flight",
         f"served         {_human(stats['bytes_served'])} to {stats['files_read']} files "
         f"in {stats.get('reads', 0)} reads (read amplification {stats['read_amplification']})",
         f"fetch latency  p50 {stats['fetch_ms_p50']} ms, p99 {stats['fetch_ms_p99']} ms",

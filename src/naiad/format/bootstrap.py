@@ -418,14 +418,14 @@ class Bootstrap:
         ):
             yield Chunk(*r)
 
-    def blob_chunks_after(self, blob: int, offset: int, limit: int) -> list[Chunk]:
-        """Up to `limit` chunks of `blob` stored at or after `offset`, in blob order."""
+    def blob_chunks_between(self, blob: int, start: int, stop: int) -> list[Chunk]:
+        """The chunks of `blob` stored from `start` on that begin before `stop`, in blob order."""
         return [
             Chunk(*r)
             for r in self._db.execute(
                 "SELECT id, digest, blob, offset, csize, usize, uoffset FROM chunks"
-                " WHERE blob = ? AND offset >= ? ORDER BY offset LIMIT ?",
-                (blob, offset, limit),
+                " WHERE blob = ? AND offset >= ? AND offset < ? ORDER BY offset",
+                (blob, start, stop),
             )
         ]
 

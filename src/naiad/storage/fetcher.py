@@ -46,6 +46,8 @@ class FetchStats:
     chunks_from_cache: int = 0
     misses: int = 0  # chunks a reader had to fetch itself
     joined: int = 0  # chunks a reader waited for while another fetch (read-ahead, hints) brought them
+    miss_wait: float = 0.0  # seconds readers waited on fetches of their own (summed over readers)
+    join_wait: float = 0.0  # seconds readers waited on fetches another one started
     reads: int = 0  # read requests the filesystem answered
     bytes_served: int = 0
     errors: int = 0
@@ -61,6 +63,7 @@ class FetchStats:
             "requests": self.requests, "bytes_fetched": self.bytes_fetched,
             "chunks_fetched": self.chunks_fetched, "chunks_from_cache": self.chunks_from_cache,
             "misses": self.misses, "joined": self.joined,
+            "miss_wait_s": round(self.miss_wait, 3), "join_wait_s": round(self.join_wait, 3),
             "reads": self.reads, "bytes_served": self.bytes_served, "errors": self.errors,
             "read_amplification": round(self.bytes_fetched / self.bytes_served, 3)
             if self.bytes_served else None,
@@ -117,6 +120,7 @@ class ChunkFetcher:
                 continue
             out.append(None)
             waits.append((i, fut))
+        began = time.monotonic()
         if mine:
             if amplify:  # a reader's miss, not a prefetch
                 with self._lock:
@@ -126,6 +130,15 @@ class ChunkFetcher:
             self._fetch(mine, amplify)
         for i, fut in waits:
             out[i] = fut.result()
+        if waits and amplify:
+            # A reader's stall, by who started what it waited for: its own misses (which hints
+            # did not name in time) or fetches already in flight (hints or read-ahead, not yet in).
+            waited = time.monotonic() - began
+            with self._lock:
+                if mine:
+                    self.stats.miss_wait += waited
+                else:
+                    self.stats.join_wait += waited
         return out  # type: ignore[return-value]
 
     def served(self, nbytes: int, from_cache: int) -> None:
@@ -188,7 +201,7 @@ class ChunkFetcher:
             if i + 1 < len(items) and items[i + 1].offset == c.offset + c.csize:
                 continue  # the asked chunk after it reads ahead for both
             budget = amplify - c.csize
-            for n in self.bootstrap.blob_chunks_after(blob_id, c.offset + c.csize, 64):
+            for n in self.bootstrap.blob_chunks_between(blob_id, c.offset + c.csize, c.offset + amplify):
                 if budget < n.csize:
                     break
                 budget -= n.csize

@@ -4,16 +4,19 @@ When a reader misses a file's first chunk, the chunk's hints say which bytes
 the app reads next: a Python module's imports, an ELF object's loader tables,
 libraries and initialisers' code. They are fetched, and their own hints in turn, depth first:
 the order an interpreter imports in. The newest miss goes first, since that
-is where the app is now. A few fetches run at once, each on a thread of this
-prefetcher, so that readers never queue behind them in the fetcher's pool,
-and each asks only for chunks that are neither cached nor in flight (a
-reader that wants one meanwhile shares its fetch).
+is where the app is now. The walk is taken a batch at a time and cut into
+range requests, which a few threads of this prefetcher fetch at once in walk
+order (the reader wants the batch's first file next, whatever its place in
+the blob), so that readers never queue behind them in the fetcher's pool.
+Each asks only for chunks that are neither cached nor in flight (a reader
+that wants one meanwhile shares its fetch).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Iterator
 
 from naiad.format.bootstrap import Bootstrap, Chunk
@@ -78,6 +81,8 @@ class HintPrefetcher:
         self._expanded: set[int] = set()  # chunks whose hints have been walked (or are being)
         self._visited: set[tuple[int, int]] = set()  # (ino, foffset) of hints taken
         self._taken: set[int] = set()  # chunks given to a worker (hints overlap: code in one chunk)
+        self._runs: deque[list[Chunk]] = deque()  # range requests cut from batches, next first
+        self._fresh = False  # a miss started a walk since the last batch was taken: take from it first
         self._closed = False
         self._threads = [threading.Thread(target=self._run, name=f"naiad-hints-{i}", daemon=True)
                          for i in range(workers)]
@@ -92,6 +97,7 @@ class HintPrefetcher:
                 return
             self._expanded.update(roots)
             self._walks.append(self._walk([iter(h) for c in reversed(roots) if (h := self.bs.hints_of(c))]))
+            self._fresh = True
             self._cond.notify()
 
     def snapshot(self) -> dict:
@@ -102,6 +108,7 @@ class HintPrefetcher:
         with self._cond:
             self._closed = True
             self._walks.clear()
+            self._runs.clear()
             self._cond.notify_all()
 
     def _walk(self, stack: list[Iterator[tuple[int, int, int]]]) -> Iterator[list[Chunk]]:
@@ -137,12 +144,13 @@ class HintPrefetcher:
         return gap if fixed is None else min(gap, fixed)
 
     def _spans(self, batch: list[Chunk]) -> list[list[Chunk]]:
-        """The batch as range requests: its contiguous runs, joined across short gaps.
+        """The batch as range requests, in walk order: its contiguous runs, joined across short gaps.
 
         A gap is read along only if the image's chunks fill it and none of them is cached: each
         request costs the link's latency, and (docker-registry reads up to 4 MiB of the blob for
         any range) server time. torchapp's start: 330-360 range requests in all instead of 500.
         """
+        walked = {c.id: i for i, c in enumerate(batch)}  # ids are unique: _take hands each out once
         unique = sorted({c.id: c for c in batch}.values(), key=lambda c: (c.blob, c.offset))
         gap = self._gap()
         joined: list[Chunk] = []
@@ -156,34 +164,47 @@ class HintPrefetcher:
                         self.chunks += len(filler)
                         self.bytes += sum(n.csize for n in filler)
             joined.append(c)
-        return contiguous_runs(joined)
+        # A batch of small files is tens of runs, in blob order alphabetical: the reader is
+        # after the first file the walk named, not the first in the blob.
+        return sorted(contiguous_runs(joined), key=lambda run: min(walked.get(c.id, len(batch)) for c in run))
 
     def _filler(self, blob: int, start: int, stop: int) -> list[Chunk]:
         """The chunks stored back to back in [start, stop) of `blob`, none cached; else none."""
         filler: list[Chunk] = []
         pos = start
-        for n in self.bs.blob_chunks_after(blob, start, 256):
-            if n.offset >= stop:
-                break
+        for n in self.bs.blob_chunks_between(blob, start, stop):
             if n.offset != pos or self.fetcher.cache.contains(n.digest):
                 return []
             filler.append(n)
             pos = n.offset + n.csize
         return filler if pos == stop else []
 
-    def _run(self) -> None:
+    def _next(self) -> list[Chunk] | None:
+        """The next range request to fetch, cutting a new batch from the walks when the queue is
+        empty or a newer miss waits; None when closed."""
         while True:
             with self._cond:
-                while not (batch := self._take()):
+                while True:
                     if self._closed:
-                        return
+                        return None
+                    if self._runs and not self._fresh:
+                        return self._runs.popleft()
+                    self._fresh = False
+                    if batch := self._take():
+                        break
+                    if self._runs:
+                        return self._runs.popleft()
                     self._cond.wait()
-            # One range at a time on this thread (prefetch() would put all but the first in the
-            # fetcher's pool, where readers' read-ahead waits).
-            for run in self._spans(batch):
-                if self._closed:
-                    return
-                try:
-                    self.fetcher.prefetch(run)
-                except FetchError as e:
-                    log.debug("hinted fetch: %s", e)  # a reader that needs these chunks retries
+            runs = self._spans(batch)  # outside the lock: it looks up gap fillers in the bootstrap
+            with self._cond:
+                self._runs.extendleft(reversed(runs))
+                self._cond.notify_all()
+
+    def _run(self) -> None:
+        # Each thread fetches one range at a time itself (prefetch() would put all but the first in
+        # the fetcher's pool, where readers' read-ahead waits).
+        while (run := self._next()) is not None:
+            try:
+                self.fetcher.prefetch(run)
+            except FetchError as e:
+                log.debug("hinted fetch: %s", e)  # a reader that needs these chunks retries
