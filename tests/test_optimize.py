@@ -136,6 +136,25 @@ def test_prefetch_list_file_and_reproducibility(image, tmp_path):
     assert digests[0] == digests[1]
 
 
+def test_hot_level_trades_build_time_for_bytes(image, tmp_path):
+    root, ref = image
+    home = tmp_path / "home"
+    listing = tmp_path / "list"
+    listing.write_text("".join(f"{p}\n" for p in _libraries("/bin/sh")))  # code: it compresses
+    sizes = {}
+    for level in ("1", None):  # None: the default
+        out = f"oci:{tmp_path}/o{level}:x"
+        args = ["--hot-level", level] if level else []
+        report = json.loads(ok(naiad(home, "optimize", "--json", *args, "--prefetch-list", listing, ref,
+                                     out)).stdout)
+        sizes[level] = report["hot_blob"]["size"]
+        ok(naiad(home, "unpack", out, tmp_path / f"unpacked{level}"))
+        assert compare_trees(root, tmp_path / f"unpacked{level}", ignore_mtime_of=("/",)) == []
+    assert sizes[None] < sizes["1"]
+    bad = naiad(home, "optimize", "--hot-level", "23", "--prefetch-list", listing, ref, f"oci:{tmp_path}/b:x")
+    assert bad.returncode == 2 and "invalid zstd level '23'" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_mount_prefetches_the_hot_blob_only(image, tmp_path, registry):
     _, ref = image
     home = tmp_path / "home"

@@ -100,6 +100,12 @@ def _build_options(args: argparse.Namespace):
                         layer_cache=not getattr(args, "no_layer_cache", False))
 
 
+def _zstd_level(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 22:
+        raise argparse.ArgumentTypeError(f"invalid zstd level {text!r} (1 to 22)")
+    return int(text)
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -499,7 +505,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         if exit_code != 0 and not args.allow_failure:
             raise NaiadError(f"the command exited with {exit_code}; not writing an image from its trace "
                              "(--allow-failure to write it anyway)")
-    result = optimize_image(source, target, entries, relayout=not args.no_relayout,
+    levels = {} if args.hot_level is None else {"hot_level": args.hot_level}
+    result = optimize_image(source, target, entries, relayout=not args.no_relayout, **levels,
                             registry=_registry_options(args), platform=Platform.parse(args.platform))
     obj = {"target": str(target), "manifest_digest": result.manifest_digest, "prefetch_files": result.files,
            "prefetch_chunks": result.chunks, "prefetch_bytes": result.bytes,
@@ -714,6 +721,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the image even if CMD exits non-zero")
     p.add_argument("--no-relayout", action="store_true",
                    help="only set the prefetch list; do not copy the hot chunks into a new blob")
+    p.add_argument("--hot-level", type=_zstd_level, metavar="N",
+                   help="zstd level (1-22) the hot blob's chunks are recompressed at (default: 18; every "
+                   "cold start reads them, so a slow level pays; 9 is 6 times faster, 9%% bigger)")
     # Not REMAINDER: options written after TARGET must stay options; the command goes after "--".
     p.add_argument("command_args", nargs="*", metavar="-- CMD", help="command to run (after '--')")
     p.set_defaults(func=cmd_optimize)
