@@ -4,10 +4,10 @@ fetching it.
 - The builder: a module's top-level imports (absolute, relative, `from package import submodule`,
   extension modules), not those inside functions or `try`; checked-hash bytecode leads to its
   source (fetched), timestamp bytecode only follows it; an ELF object's loader tables and its
-  DT_NEEDED libraries (real system libraries, found through symlinks), and the code its static
-  initialisers call (a C++ library compiled here); garbage that looks like an ELF object or a
-  module, or an object at addresses past 2^63, breaks nothing, and symlinks never lead out of the
-  image.
+  DT_NEEDED libraries (real system libraries, found through symlinks), a program's loader cache,
+  and the code its static initialisers call (a C++ library compiled here); garbage that looks like
+  an ELF object or a module, or an object at addresses past 2^63, breaks nothing, and symlinks
+  never lead out of the image.
 - The mount: reading one module fetches what it imports, before anyone reads it, and nothing
   else; `--no-hints` fetches only what is read. Bytes read are the image's either way.
 - The prefetcher: a walk's range requests run on all its threads at once, in the order the app
@@ -159,6 +159,7 @@ def test_elf_hints_name_the_loader_tables_and_needed_libraries(tmp_path: Path) -
     (tree / "lib").symlink_to("usr/lib")  # merged /usr, as Debian has it
     (tree / "bin").mkdir()
     shutil.copy("/usr/bin/true", tree / "bin/tool")  # an executable, found by its mode
+    write(tree, "etc/ld.so.cache", os.urandom(5000))  # where the loader looks after RUNPATH
     (tree / "usr/lib/x86_64-linux-gnu/loop.so").symlink_to("loop.so")  # a loop is no library
     bs = build(tmp_path, tree)
     hints = hints_by_path(bs)
@@ -174,6 +175,11 @@ def test_elf_hints_name_the_loader_tables_and_needed_libraries(tmp_path: Path) -
             assert any(o <= off and off + size <= o + s for o, s in own), (name, own)
     assert sum(s for _, s in own) < os.path.getsize(real) / 2  # not the code
     assert ("/usr/lib/x86_64-linux-gnu/libc.so.6", 0, 1) in hints["/bin/tool"]
+    # A program's loader reads the library cache, whole, before its libraries; a library's does not.
+    targets = [t for t, _, _ in hints["/bin/tool"]]
+    assert ("/etc/ld.so.cache", 0, -1) in hints["/bin/tool"]
+    assert targets.index("/etc/ld.so.cache") < targets.index("/usr/lib/x86_64-linux-gnu/libc.so.6")
+    assert "/etc/ld.so.cache" not in {t for t, _, _ in hints[zstd]}
 
 
 @pytest.mark.skipif(not (LIBDIR / "libzstd.so.1").exists(), reason="needs Debian's x86-64 libzstd")

@@ -69,6 +69,8 @@ def access_hints(root: Node, order: Sequence[tuple[bytes, Node, Node]], read: Re
             # The loader's order: this object's tables and data, its libraries (whose initialisers
             # run first), then this object's initialisers.
             hints.extend((node, node, off, size) for off, size in elf.ranges)
+            if elf.interp and (cache := image.loader_cache(path, elf)) is not None:
+                hints.append((node, cache, 0, -1))  # a program's loader maps it whole, first
             hints.extend((node, lib, 0, 1) for lib in image.needed(path, elf))
             hints.extend((node, node, off, size) for off, size in elf.init_code)
     return hints
@@ -81,6 +83,7 @@ class _Elf:
     needed: list[bytes]
     runpath: list[bytes]
     init_code: list[tuple[int, int]]  # (offset, size) its initialisers may run (builder/elfcode.py)
+    interp: bool  # a program (PT_INTERP): the dynamic loader starts with it
 
 
 class _Image:
@@ -276,18 +279,28 @@ class _Image:
 
     def needed(self, path: bytes, elf: _Elf) -> list[Node]:
         """The DT_NEEDED libraries of the object at `path`, found as the dynamic loader would."""
+        dirs = self._runpath(path, elf) + self._loader_dirs(elf.machine)
+        return [lib for name in elf.needed if (lib := self._library(path, name, dirs)) is not None]
+
+    def loader_cache(self, path: bytes, elf: _Elf) -> Node | None:
+        """/etc/ld.so.cache if the loader reads it to start the program at `path`: one of its
+        libraries is not where its RUNPATH says (glibc's search order: RUNPATH, then the cache)."""
+        runpath = self._runpath(path, elf)
+        if all(b"/" in name or self._library(path, name, runpath) for name in elf.needed):
+            return None
+        return self._file(b"/etc/ld.so.cache")
+
+    def _runpath(self, path: bytes, elf: _Elf) -> list[bytes]:
         origin = posixpath.dirname(path)
-        dirs = [d.replace(b"${ORIGIN}", origin).replace(b"$ORIGIN", origin) for d in elf.runpath]
-        dirs += self._loader_dirs(elf.machine)
-        out: list[Node] = []
-        for name in elf.needed:
-            candidates = [name] if b"/" in name else [d + b"/" + name for d in dirs]
-            for candidate in candidates:
-                lib = self._file(candidate if candidate.startswith(b"/") else origin + b"/" + candidate)
-                if lib is not None:
-                    out.append(lib)
-                    break
-        return out
+        return [d.replace(b"${ORIGIN}", origin).replace(b"$ORIGIN", origin) for d in elf.runpath]
+
+    def _library(self, path: bytes, name: bytes, dirs: list[bytes]) -> Node | None:
+        origin = posixpath.dirname(path)
+        for candidate in [name] if b"/" in name else [d + b"/" + name for d in dirs]:
+            lib = self._file(candidate if candidate.startswith(b"/") else origin + b"/" + candidate)
+            if lib is not None:
+                return lib
+        return None
 
     def _loader_dirs(self, machine: int) -> list[bytes]:
         """The loader's default search path: ld.so.conf.d's directories, then the standard ones."""
@@ -353,7 +366,7 @@ def _names(text: bytes) -> Iterator[bytes]:
 _DT_NEEDED, _DT_STRTAB, _DT_STRSZ, _DT_RPATH, _DT_RUNPATH = 1, 5, 10, 15, 29
 _TABLE_STARTS = (4, 5, 6, 7, 17, 23, 36, 0x6FFFFEF5, 0x6FFFFFF0, 0x6FFFFFFC, 0x6FFFFFFE)
 _TABLE_SIZES = {5: 10, 7: 8, 17: 18, 23: 2, 36: 35}  # table -> the tag of its size
-_PT_LOAD, _PT_DYNAMIC, _PT_GNU_EH_FRAME, _PF_W = 1, 2, 0x6474E550, 2
+_PT_LOAD, _PT_DYNAMIC, _PT_INTERP, _PT_GNU_EH_FRAME, _PF_W = 1, 2, 3, 0x6474E550, 2
 CODE_GRAIN = 64 << 10  # initialiser code is hinted in aligned pieces of this size: a fetch is chunks
 
 
@@ -370,6 +383,7 @@ def _parse_elf(node: Node, head: bytes, read: Reader) -> _Elf | None:
         return None
     loads: list[tuple[int, int, int, int]] = []  # vaddr, offset, filesz, flags
     dynamic = eh_frame_hdr = None
+    interp = False
     for i in range(phnum):
         p_type, flags, offset, vaddr, _paddr, filesz = struct.unpack_from("<IIQQQQ", phdrs, i * 56)
         if p_type == _PT_LOAD:
@@ -378,6 +392,8 @@ def _parse_elf(node: Node, head: bytes, read: Reader) -> _Elf | None:
             dynamic = (offset, min(filesz, 1 << 16))
         elif p_type == _PT_GNU_EH_FRAME:
             eh_frame_hdr = (vaddr, filesz)
+        elif p_type == _PT_INTERP:
+            interp = True
 
     file_offset = functools.partial(elfcode.file_offset, loads)
     ranges = [(off, size) for _, off, size, flags in loads if flags & _PF_W and size]
@@ -414,7 +430,8 @@ def _parse_elf(node: Node, head: bytes, read: Reader) -> _Elf | None:
     for off, size in code:
         start = off // CODE_GRAIN * CODE_GRAIN
         grains.append((start, -(-(off + size) // CODE_GRAIN) * CODE_GRAIN - start))
-    return _Elf(machine, loader, needed, runpath, _without(_merged(_clipped(grains, node.size)), loader))
+    code_ranges = _without(_merged(_clipped(grains, node.size)), loader)
+    return _Elf(machine, loader, needed, runpath, code_ranges, interp)
 
 
 def _clipped(ranges: list[tuple[int, int]], file_size: int) -> list[tuple[int, int]]:
