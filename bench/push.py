@@ -26,7 +26,7 @@ registry's veth received during the v2 push (`rx_bytes`: payload plus HTTP and
 TCP/IP headers) and what the tool reports (`naiad push --json`: `bytes_sent`;
 for skopeo: the v2 blobs v1 lacks). The reference is the bytes of the files
 that really changed: v1's and v2's unpacked rootfs are compared, and the files
-v2 added or whose content differs are summed (raw, and zstd level 3 each).
+v2 added or whose content differs are summed (raw, and zstd each, at a build's level).
 """
 
 from __future__ import annotations
@@ -205,7 +205,9 @@ def changed_files(old: Path, new: Path) -> dict[str, int]:
     """Regular files of `new` that `old` lacks or whose content differs: count, bytes, zstd bytes."""
     import zstandard
 
-    cctx = zstandard.ZstdCompressor(level=3)
+    from naiad.format.compression import ZSTD_LEVEL
+
+    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)  # as a build compresses them
     files = size = zsize = 0
     for root, _, names in os.walk(new):
         for name in names:
@@ -356,7 +358,7 @@ def report(ctx: Context, v1: Version, v2: Version, rate: int | None, changed: di
         "Reference and issue 4's targets (naiad-dict)",
         ["what", "value", "target", "result"],
         [["files v2 added or changed (rootfs diff)",
-          f"{count(changed['files'])} files, {mb2(changed['bytes'])} MB ({mb2(changed['zstd'])} MB zstd -3)",
+          f"{count(changed['files'])} files, {mb2(changed['bytes'])} MB ({mb2(changed['zstd'])} MB zstd)",
           "", ""],
          ["naiad v2 bootstrap (zstd)", f"{mb2(bootstrap)} MB", "", ""],
          ["naiad-dict v2 push, registry rx", f"{mb2(naiad_bytes)} MB",

@@ -151,13 +151,34 @@ def test_no_layer_cache_neither_reads_nor_writes(versions, tmp_path, capsys):
     assert ignored["manifest_digest"] == report["manifest_digest"]  # both built from the source alone
 
 
-def test_other_chunk_size_or_compressor_is_a_miss(versions, tmp_path, capsys):
+def test_other_chunk_size_compressor_or_level_is_a_miss(versions, tmp_path, capsys):
     convert(capsys, f"oci:{versions[1]}:v1", f"oci:{tmp_path / 'out1'}:v1")
     capsys.readouterr()
-    for i, extra in enumerate((["--chunk-size", "128K"], ["--compressor", "lz4"])):
+    others = (["--chunk-size", "128K"], ["--compressor", "lz4"], [*CHUNK, "--zstd-level", "9"])
+    for i, extra in enumerate(others):
         out = f"oci:{tmp_path / f'o{i}'}:v2"
         assert main(["convert", "--json", *extra, f"oci:{versions[2]}:v2", out]) == 0
         assert json.loads(capsys.readouterr().out)["cached_layers"] == []
+
+
+def test_zstd_level_is_the_builds_choice(tmp_path, capsys):
+    """A higher level stores the same tree in fewer bytes; a layer cached at one level is not
+    reused at another, so each convert is what it would be without the cache."""
+    text = b"".join(p.read_bytes() for p in sorted(Path(json.__file__).parent.parent.glob("*.py"))[:40])
+    src = write_oci_layout(tmp_path / "src", [[Dir(path="."), File(path="log", data=text)]], tag="t")
+    reports = {}
+    for level in ("1", "19"):
+        reports[level], _ = convert(capsys, "--zstd-level", level, src.ref, f"oci:{tmp_path / level}:t")
+        assert reports[level]["cached_layers"] == []
+        plain, _ = convert(capsys, "--zstd-level", level, "--no-layer-cache", src.ref,
+                           f"oci:{tmp_path}/p{level}:t")
+        assert plain["manifest_digest"] == reports[level]["manifest_digest"]
+        unpacked = unpack(f"oci:{tmp_path / level}:t", tmp_path / f"rootfs{level}")
+        assert (unpacked / "log").read_bytes() == text
+    assert reports["19"]["stored_bytes"] < reports["1"]["stored_bytes"]
+    with pytest.raises(SystemExit) as exited:
+        main(["convert", "--zstd-level", "0", src.ref, f"oci:{tmp_path}/bad:t"])
+    assert exited.value.code == 2 and "invalid zstd level '0'" in capsys.readouterr().err
 
 
 def test_layer_with_content_deleted_later_is_not_cached(tmp_path, capsys):

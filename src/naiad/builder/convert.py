@@ -39,7 +39,7 @@ from naiad.builder.progress import CountingReader, NoProgress, Progress
 from naiad.builder.tree import Node, Tree
 from naiad.errors import BadReferenceError, FormatError, NaiadError
 from naiad.format import spec
-from naiad.format.compression import codec
+from naiad.format.compression import ZSTD_LEVEL, codec
 from naiad.oci.copy import BlobLocator, CopyResult, copy_image
 from naiad.oci.image import (
     ImageSource,
@@ -62,12 +62,26 @@ MAX_LAYER_THREADS = 4
 class BuildOptions:
     chunk_size: int = spec.DEFAULT_CHUNK_SIZE
     compressor: str = "zstd"
+    zstd_level: int = ZSTD_LEVEL
     platform: Platform = dataclasses.field(default_factory=Platform)
     prefetch: Sequence[str] = ()
     workers: int | None = None
     chunk_dict: Sequence[str] = ()  # naiad image references or dictionary files
     min_blob_use: float = 0.1  # reference a dictionary blob only if this fraction of its bytes is used
     layer_cache: bool = True  # convert: reuse (and record) earlier conversions of identical layers
+
+    @property
+    def stored_as(self) -> str:
+        """How chunks are stored, as the layer cache keys it: a layer converted otherwise is not
+        this convert's. Level 3 is plain "zstd": every entry recorded before levels were a choice."""
+        if self.compressor != "zstd" or self.zstd_level == 3:
+            return self.compressor
+        return f"zstd-{self.zstd_level}"
+
+
+def _chunk_store(layout: OCILayout, options: BuildOptions, cd: ChunkDict | None) -> ChunkStore:
+    return ChunkStore(layout.staging_dir(), options.chunk_size, codec(options.compressor, options.zstd_level),
+                      options.workers, cd.usable(options.compressor) if cd else ())
 
 
 @contextlib.contextmanager
@@ -173,8 +187,7 @@ def _convert(source: Any, image: ResolvedImage, target_ref: Reference, options: 
              pushed: list[CopyResult], warn: Callable[[str], None],
              ) -> tuple[BuildResult, list[LayerResult], Tree]:
     with output_layout(target_ref, registry, cd.locate if cd else None, pushed) as layout:
-        store = ChunkStore(layout.staging_dir(), options.chunk_size, codec(options.compressor),
-                           options.workers, cd.usable(options.compressor) if cd else ())
+        store = _chunk_store(layout, options, cd)
         try:
             _adopt_cached(store, cached, earlier, progress, warn)
             read = _read_layers(source, image, store, progress, [i for i in range(len(image.layers))
@@ -222,7 +235,7 @@ def _use_cache(cache: LayerCache | None, image: ResolvedImage, options: BuildOpt
     by_image: dict[str, list[tuple[int, CachedLayer]]] = {}
     try:
         for i, desc in enumerate(image.layers):
-            hit = cache.lookup(desc.digest, options.chunk_size, options.compressor)
+            hit = cache.lookup(desc.digest, options.chunk_size, options.stored_as)
             if hit is not None:
                 by_image.setdefault(hit.image, []).append((i, hit))
     except sqlite3.Error as e:
@@ -311,7 +324,7 @@ def _record(cache: LayerCache, image: ResolvedImage, target_ref: Reference, resu
             # Cached layers only move to the newest image: it is the one most likely still around.
             record.append((image.layers[i].digest, None if i in cached else entries))
     try:
-        cache.record(str(pinned), result.manifest_digest, options.chunk_size, options.compressor, record)
+        cache.record(str(pinned), result.manifest_digest, options.chunk_size, options.stored_as, record)
     except sqlite3.Error as e:
         warn(f"layer cache not updated: {e}")
 
@@ -371,8 +384,7 @@ def build_from_dir(root: str, target_ref: Reference, options: BuildOptions,
     pushed: list[CopyResult] = []
     with _chunk_dict(options, registry) as cd, \
             output_layout(target_ref, registry, cd.locate if cd else None, pushed) as layout:
-        store = ChunkStore(layout.staging_dir(), options.chunk_size, codec(options.compressor),
-                           options.workers, cd.usable(options.compressor) if cd else ())
+        store = _chunk_store(layout, options, cd)
         try:
             tree, chunks = _scan_dir(root, store, progress)
             advance = progress.task("assembling", store.bytes_in)

