@@ -728,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only set the prefetch list; do not copy the hot chunks into a new blob")
     p.add_argument("--hot-level", type=_zstd_level, metavar="N",
                    help="zstd level (1-22) the hot blob's chunks are recompressed at (default: 18; every "
-                   "cold start reads them, so a slow level pays; 9 is 6 times faster, 9%% bigger)")
+                   "cold start reads them, so a slow level pays; 9 is 10 times faster, 9%% bigger)")
     # Not REMAINDER: options written after TARGET must stay options; the command goes after "--".
     p.add_argument("command_args", nargs="*", metavar="-- CMD", help="command to run (after '--')")
     p.set_defaults(func=cmd_optimize)

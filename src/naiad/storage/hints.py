@@ -164,7 +164,7 @@ class HintPrefetcher:
                         self.chunks += len(filler)
                         self.bytes += sum(n.csize for n in filler)
             joined.append(c)
-        # A batch of small files is tens of runs, in blob order alphabetical: the reader is
+        # A batch of small files is tens of runs, in blob order (alphabetical): the reader is
         # after the first file the walk named, not the first in the blob.
         return sorted(contiguous_runs(joined), key=lambda run: min(walked.get(c.id, len(batch)) for c in run))
 
