@@ -333,7 +333,7 @@ def test_hinted_fetches_run_at_once_in_the_order_the_app_imports(tmp_path: Path)
     build(tmp_path, tree)
     img = NaiadImage.open(open_source(parse_reference(f"oci:{tmp_path / 'layout'}:v1")))
     bs = img.bootstrap
-    backend = SlowBackend(img.source, 0.05)
+    backend = SlowBackend(img.source, 0.1)
     cache = ChunkCache(str(tmp_path / "cache"))
     fetcher = ChunkFetcher(bs, backend, cache, amplify=0)
     hints = HintPrefetcher(bs, fetcher)
@@ -342,7 +342,9 @@ def test_hinted_fetches_run_at_once_in_the_order_the_app_imports(tmp_path: Path)
         fetcher.read(bs.file_chunks(bs.resolve("/app/main.py")))
         modules = [bs.file_chunks(bs.resolve(f"/app/{n}.py"))[0] for n in names]
         wait_for(lambda: all(cache.contains(c.digest) for c in modules), "the imported modules cached")
-        assert backend.peak == 1 + WORKERS  # main.py's own request, and every hint thread's
+        # Every hint thread at once (main.py's own request may still be running too): one thread
+        # per miss made it 2 at most.
+        assert backend.peak >= WORKERS
         # The first requests after main.py's own are the modules it imports first.
         first = {c.offset: n for c, n in zip(modules, names, strict=True)}
         assert {first.get(o) for o in backend.offsets[1:1 + WORKERS]} == set(names[-WORKERS:])
