@@ -146,6 +146,23 @@ def test_python_hints_follow_top_level_imports(tmp_path: Path) -> None:
         assert not {t for t, _, _ in targets} & {"/app/pkg/lazy.py", "/app/pkg/optional.py"}
 
 
+@pytest.mark.parametrize("version", ["3.10", "3.11"])
+def test_frozen_standard_modules_are_not_hinted(version: str, tmp_path: Path) -> None:
+    """CPython 3.11 runs `os`, `stat` and the like from frozen copies: importing them reads no file."""
+    tree = tmp_path / "tree"
+    lib = f"usr/lib/python{version}"
+    write(tree, f"{lib}/os.py", "import stat\nimport json\n")
+    write(tree, f"{lib}/stat.py", "X = 1\n")
+    write(tree, f"{lib}/json/__init__.py", "Y = 2\n")
+    write(tree, "app/main.py", "import os\nimport json\n")
+    hints = hints_by_path(build(tmp_path, tree))
+    json_init = (f"/{lib}/json/__init__.py", 0, -1)
+    if version == "3.10":
+        assert hints["/app/main.py"] == [(f"/{lib}/os.py", 0, -1), json_init]
+    else:
+        assert hints["/app/main.py"] == [json_init]
+
+
 @pytest.mark.skipif(not (LIBDIR / "libzstd.so.1").exists() or not (LIBDIR / "libc.so.6").exists(),
                     reason="needs Debian's x86-64 libzstd and libc")
 def test_elf_hints_name_the_loader_tables_and_needed_libraries(tmp_path: Path) -> None:

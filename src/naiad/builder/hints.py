@@ -49,6 +49,11 @@ _IMPORT = re.compile(
 )
 _PYTHON_LIB = re.compile(rb".*/lib/python3\.\d+")
 _SITE = re.compile(rb".*/(?:site|dist)-packages")
+# Standard modules CPython 3.11 and later run from copies frozen into the interpreter
+# (Tools/build/freeze_modules.py): importing them reads no file, so no hint names them.
+_FROZEN_STDLIB = re.compile(rb".*/lib/python3\.(?:1[1-9]|[2-9]\d)/"
+                            rb"(?:abc|codecs|io|_collections_abc|_sitebuiltins|genericpath|ntpath|posixpath"
+                            rb"|os|site|stat|runpy|zipimport|importlib/util|importlib/machinery)\.py")
 
 
 def access_hints(root: Node, order: Sequence[tuple[bytes, Node, Node]], read: Reader) -> list[Hint]:
@@ -225,6 +230,8 @@ class _Image:
         return self._reads[module_file]
 
     def _find_module_reads(self, module_file: bytes) -> Iterator[tuple[Node, int]]:
+        if _FROZEN_STDLIB.fullmatch(module_file):
+            return
         if module_file.endswith(b".so"):
             node = self._file(module_file)
             if node is not None:
