@@ -120,7 +120,7 @@ class ChunkFetcher:
                 continue
             out.append(None)
             waits.append((i, fut))
-        began = time.monotonic()
+        began = time.monotonic() if waits else 0.0  # a read served from the cache waits for nothing
         if mine:
             if amplify:  # a reader's miss, not a prefetch
                 with self._lock:
