@@ -637,7 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bandwidth cap of background prefetch per second, e.g. 50M (default: none)")
     p.add_argument("--amplify", default="auto", metavar="SIZE",
                    help="fetch up to this many bytes of neighbouring chunks with a read; auto (default): "
-                   "4 x the backend's latency x its throughput, 128K to 2M, as measured while mounted")
+                   "4 x the backend's latency x its throughput, 128K to 2M, as measured while mounted; "
+                   "128K when access hints are followed (they fetch the neighbours a start reads)")
     p.add_argument("--no-hints", action="store_true",
                    help="do not fetch ahead by the image's access hints (the imports of a Python module "
                    "and the loader tables and libraries of an ELF object, fetched when the file is first "

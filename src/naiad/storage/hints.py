@@ -28,11 +28,14 @@ log = logging.getLogger(__name__)
 WORKERS = 4  # hinted range requests in flight at once
 BATCH = 1 << 20  # stored bytes one worker takes from the walk before fetching them
 BUDGET = 512 << 20  # stored bytes one mount fetches by hints at most
-# Read-ahead's ceiling when hints are followed: they fetch what a 2 MiB window used to catch by luck
-# (the next modules of a package, a library's tables). torchapp, unshaped, bench/datapath.py, 2
-# alternating runs each: 1 MiB 5.08-5.13 s and 89-93 MB, 2 MiB 5.16-5.49 s and 105-106 MB, 512 KiB
-# 5.48-5.65 s and 80-82 MB. (Behind 100 Mbit/s the link asks for less than either.)
-READ_AHEAD_CEILING = 1 << 20
+# Read-ahead's ceiling when hints are followed: the hints fetch the neighbours a start reads, and a
+# miss's read-ahead mostly fetched what it does not (a warm rerun of torchapp read none of 22 MB of
+# the 90 MB a cold start had fetched with a 1 MiB ceiling, 6 of 74 with 128 KiB). An asked chunk
+# counts against it, so a miss reads ahead only after a small chunk. torchapp, bench/datapath.py, 3
+# alternating runs each: unshaped 4.49-5.20 s and 74 MB against 4.79-5.23 s and 87-90 MB at 1 MiB,
+# daemon CPU 2.5-2.7 s against 2.9-3.1 s; 100 Mbit/s 8.45-8.66 s and 74 MB against 9.34-9.57 s and
+# 84-86 MB. No read-ahead at all: 680 range requests instead of 390, 120 misses instead of 105.
+READ_AHEAD_CEILING = 128 << 10
 # A hinted fetch reads across a gap of uncached chunks between two hinted runs of one blob when
 # the gap's bytes cost less time than a request of their own: up to latency x throughput of the
 # link (storage/link.py), within these bounds, GAP_MAX until the link has a fit. torchapp,
