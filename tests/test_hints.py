@@ -5,7 +5,8 @@ fetching it.
   extension modules), not those inside functions or `try`; checked-hash bytecode leads to its
   source (fetched), timestamp bytecode only follows it; an ELF object's loader tables and its
   DT_NEEDED libraries (real system libraries, found through symlinks), a program's loader cache,
-  and the code its static initialisers call (a C++ library compiled here); garbage that looks like
+  the code its static initialisers call and the read-only data that code addresses (C++ libraries
+  compiled here); garbage that looks like
   an ELF object or a module, or an object at addresses past 2^63, breaks nothing, and symlinks
   never lead out of the image.
 - The mount: reading one module fetches what it imports, before anyone reads it, and nothing
@@ -263,16 +264,54 @@ def test_elf_hints_name_the_code_its_initialisers_run(tmp_path: Path) -> None:
     assert not hinted("never"), own
 
 
+# A C++ library whose static initialiser passes a table in .rodata to a function; another table,
+# which only a function never called reads, lies before it, after padding that keeps both away
+# from the code's pieces; each fills a chunk.
+DATA_LIBRARY = r"""
+extern "C" __attribute__((noinline)) int lookup(const char *table, int i) { return table[i]; }
+__attribute__((used)) static const char padding[1 << 20] = {3};
+static const char unread_table[1 << 20] = {2};
+static const char read_table[1 << 20] = {1};
+extern "C" __attribute__((noinline)) int never(int i) { return lookup(unread_table, i); }
+struct Init { Init() { value = lookup(read_table, 3); } int value; };
+Init init;
+"""
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_elf_hints_name_the_data_its_initialisers_read(tmp_path: Path) -> None:
+    src = write(tmp_path, "data.cpp", DATA_LIBRARY)
+    tree = tmp_path / "tree"
+    lib = tree / "usr/lib/libdata.so"
+    lib.parent.mkdir(parents=True)
+    ok(subprocess.run(["g++", "-O1", "-fPIC", "-shared", "-fno-toplevel-reorder", "-o", str(lib), str(src)],
+                      capture_output=True, text=True))
+    tables = symbol_offsets(lib, ".rodata", "r")
+    assert abs(tables["_ZL10read_table"] - tables["_ZL12unread_table"]) >= 1 << 20, tables
+    own = [(off, size) for _, off, size in hints_by_path(build(tmp_path, tree))["/usr/lib/libdata.so"]]
+
+    def hinted(name: str) -> bool:
+        return any(o <= tables[name] < o + s for o, s in own)
+
+    assert hinted("_ZL10read_table")
+    assert not hinted("_ZL12unread_table"), own
+
+
 def function_offsets(lib: Path) -> dict[str, int]:
-    """File offset of each function symbol (`nm`'s address, through .text's address and offset)."""
+    """File offset of each function symbol."""
+    return symbol_offsets(lib, ".text", "tT")
+
+
+def symbol_offsets(lib: Path, section: str, kinds: str) -> dict[str, int]:
+    """File offset of each symbol of these `nm` kinds in `section` (through its address and offset)."""
     listing = ok(subprocess.run(["readelf", "-SW", str(lib)], capture_output=True, text=True)).stdout
-    text = next(ln.replace("[ ", "[").split() for ln in listing.splitlines() if " .text " in ln)
-    text_addr, text_offset = int(text[3], 16), int(text[4], 16)
+    row = next(ln.replace("[ ", "[").split() for ln in listing.splitlines() if f" {section} " in ln)
+    addr, offset, size = int(row[3], 16), int(row[4], 16), int(row[5], 16)
     out = {}
     for line in ok(subprocess.run(["nm", str(lib)], capture_output=True, text=True)).stdout.splitlines():
         parts = line.split()
-        if len(parts) == 3 and parts[1] in "tT":
-            out[parts[2]] = int(parts[0], 16) - text_addr + text_offset
+        if len(parts) == 3 and parts[1] in kinds and addr <= int(parts[0], 16) < addr + size:
+            out[parts[2]] = int(parts[0], 16) - addr + offset
     return out
 
 

@@ -77,7 +77,7 @@ def access_hints(root: Node, order: Sequence[tuple[bytes, Node, Node]], read: Re
             if elf.interp and (cache := image.loader_cache(path, elf)) is not None:
                 hints.append((node, cache, 0, -1))  # a program's loader maps it whole, first
             hints.extend((node, lib, 0, 1) for lib in image.needed(path, elf))
-            hints.extend((node, node, off, size) for off, size in elf.init_code)
+            hints.extend((node, node, off, size) for off, size in elf.init_reads)
     return hints
 
 
@@ -87,7 +87,7 @@ class _Elf:
     ranges: list[tuple[int, int]]  # (offset, size) the loader reads whole
     needed: list[bytes]
     runpath: list[bytes]
-    init_code: list[tuple[int, int]]  # (offset, size) its initialisers may run (builder/elfcode.py)
+    init_reads: list[tuple[int, int]]  # (offset, size) its initialisers may run and read (builder/elfcode.py)
     interp: bool  # a program (PT_INTERP): the dynamic loader starts with it
 
 
@@ -373,8 +373,11 @@ def _names(text: bytes) -> Iterator[bytes]:
 _DT_NEEDED, _DT_STRTAB, _DT_STRSZ, _DT_RPATH, _DT_RUNPATH = 1, 5, 10, 15, 29
 _TABLE_STARTS = (4, 5, 6, 7, 17, 23, 36, 0x6FFFFEF5, 0x6FFFFFF0, 0x6FFFFFFC, 0x6FFFFFFE)
 _TABLE_SIZES = {5: 10, 7: 8, 17: 18, 23: 2, 36: 35}  # table -> the tag of its size
-_PT_LOAD, _PT_DYNAMIC, _PT_INTERP, _PT_GNU_EH_FRAME, _PF_W = 1, 2, 3, 0x6474E550, 2
-CODE_GRAIN = 64 << 10  # initialiser code is hinted in aligned pieces of this size: a fetch is chunks
+_PT_LOAD, _PT_DYNAMIC, _PT_INTERP, _PT_GNU_EH_FRAME, _PF_X, _PF_W = 1, 2, 3, 0x6474E550, 1, 2
+_SHT_NOBITS, _SHF_WRITE, _SHF_ALLOC, _SHF_EXECINSTR = 8, 1, 2, 4
+_SHDR = struct.Struct("<IIQQQQIIQQ")
+# Initialisers' code and data are hinted in aligned pieces of this size: a fetch is chunks anyway.
+CODE_GRAIN = 64 << 10
 
 
 def _parse_elf(node: Node, head: bytes, read: Reader) -> _Elf | None:
@@ -419,7 +422,8 @@ def _parse_elf(node: Node, head: bytes, read: Reader) -> _Elf | None:
             else:
                 tags.setdefault(tag, value)
         ranges += _loader_tables(tags, file_offset, loads)
-        code = elfcode.init_code(machine, tags, loads, eh_frame_hdr, lambda off, size: read(node, off, size))
+        code = elfcode.init_reads(machine, tags, loads, eh_frame_hdr, _readonly_data(node, head, loads, read),
+                                  lambda off, size: read(node, off, size))
         strtab = file_offset(tags.get(_DT_STRTAB, -1)) if _DT_STRTAB in tags else None
         size = min(tags.get(_DT_STRSZ, 0), 16 << 20)
         fits = strtab is not None and size and strtab + size <= node.size
@@ -439,6 +443,25 @@ def _parse_elf(node: Node, head: bytes, read: Reader) -> _Elf | None:
         grains.append((start, -(-(off + size) // CODE_GRAIN) * CODE_GRAIN - start))
     code_ranges = _without(_merged(_clipped(grains, node.size)), loader)
     return _Elf(machine, loader, needed, runpath, code_ranges, interp)
+
+
+def _readonly_data(node: Node, head: bytes, loads: list[tuple[int, int, int, int]],
+                   read: Reader) -> list[tuple[int, int]]:
+    """(start, end) vaddrs of the object's read-only data, sorted: its allocated sections that are
+    neither code nor writable, or without a section table, its segments that are neither."""
+    shoff, = struct.unpack_from("<Q", head, 40)
+    shentsize, shnum = struct.unpack_from("<HH", head, 58)
+    table = None
+    if shoff and shentsize == _SHDR.size and 0 < shnum <= 4096 and shoff + shnum * _SHDR.size <= node.size:
+        table = read(node, shoff, shnum * _SHDR.size)
+    if table is None or len(table) < shnum * _SHDR.size:
+        return sorted((va, va + size) for va, _, size, flags in loads if not flags & (_PF_X | _PF_W) and size)
+    out = []
+    for _name, sh_type, flags, addr, _off, size, *_ in _SHDR.iter_unpack(table):
+        readonly = flags & _SHF_ALLOC and not flags & (_SHF_WRITE | _SHF_EXECINSTR)
+        if readonly and sh_type != _SHT_NOBITS and size:
+            out.append((addr, addr + size))
+    return sorted(out)
 
 
 def _clipped(ranges: list[tuple[int, int]], file_size: int) -> list[tuple[int, int]]:
