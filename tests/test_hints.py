@@ -6,7 +6,8 @@ fetching it.
   source (fetched), timestamp bytecode only follows it; an ELF object's loader tables and its
   DT_NEEDED libraries (real system libraries, found through symlinks), a program's loader cache,
   the code its static initialisers call and the read-only data that code addresses (C++ libraries
-  compiled here); garbage that looks like
+  compiled here); the entry points of a site directory's distributions, one leading to the next;
+  garbage that looks like
   an ELF object or a module, or an object at addresses past 2^63, breaks nothing, and symlinks
   never lead out of the image.
 - The mount: reading one module fetches what it imports, before anyone reads it, and nothing
@@ -17,6 +18,7 @@ fetching it.
 
 from __future__ import annotations
 
+import itertools
 import os
 import py_compile
 import random
@@ -145,6 +147,22 @@ def test_python_hints_follow_top_level_imports(tmp_path: Path) -> None:
     assert "/app/broken.py" not in hints
     for targets in hints.values():
         assert not {t for t, _, _ in targets} & {"/app/pkg/lazy.py", "/app/pkg/optional.py"}
+
+
+def test_entry_points_of_a_site_directory_lead_one_to_the_next(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    site = "/venv/lib/python3.11/site-packages"
+    for dist in ("torch-2.0.dist-info", "Jinja2-3.1.egg-info", "numpy-2.2.dist-info", "sympy-1.14.dist-info"):
+        write(tree, f"{site}/{dist}/entry_points.txt", f"[console_scripts]\n{dist} = {dist}:main\n")
+    write(tree, f"{site}/six-1.16.dist-info/METADATA", "Name: six\n")  # no entry points: not in the chain
+    write(tree, "/usr/lib/python3/dist-packages/pip-23.0.dist-info/entry_points.txt", "[console_scripts]\n")
+    hints = hints_by_path(build(tmp_path, tree))
+    chain = [f"{site}/{d}/entry_points.txt" for d in ("Jinja2-3.1.egg-info", "numpy-2.2.dist-info",
+                                                       "sympy-1.14.dist-info", "torch-2.0.dist-info")]
+    for a, b in itertools.pairwise(chain):
+        assert hints[a] == [(b, 0, -1)]
+    assert chain[-1] not in hints  # the last leads nowhere, and another directory is a chain of its own
+    assert "/usr/lib/python3/dist-packages/pip-23.0.dist-info/entry_points.txt" not in hints
 
 
 @pytest.mark.parametrize("version", ["3.10", "3.11"])

@@ -12,6 +12,8 @@ say much of what comes next, and both can be read at build time:
 * **ELF objects.** The dynamic loader reads an object's symbol, string, hash,
   version and relocation tables and its writable segment, all of it, and
   then loads its DT_NEEDED libraries the same way.
+* **Distributions' entry points.** `importlib.metadata.entry_points()`
+  reads every `*.dist-info/entry_points.txt` of a site directory in turn.
 
 A hint says: when a mount first reads file T (keyed by T's first chunk),
 fetch these bytes of file F, then follow F's own hints. The mount walks them
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import posixpath
 import re
 import stat
@@ -49,6 +52,7 @@ _IMPORT = re.compile(
 )
 _PYTHON_LIB = re.compile(rb".*/lib/python3\.\d+")
 _SITE = re.compile(rb".*/(?:site|dist)-packages")
+_ENTRY_POINTS = re.compile(rb"(.*/(?:site|dist)-packages)/[^/]+\.(?:dist|egg)-info/entry_points\.txt")
 # Standard modules CPython 3.11 and later run from copies frozen into the interpreter
 # (Tools/build/freeze_modules.py): importing them reads no file, so no hint names them.
 _FROZEN_STDLIB = re.compile(rb".*/lib/python3\.(?:1[1-9]|[2-9]\d)/"
@@ -60,9 +64,12 @@ def access_hints(root: Node, order: Sequence[tuple[bytes, Node, Node]], read: Re
     """The hints of the tree at `root`, whose canonical walk is `order` (path, parent, node), by trigger."""
     image = _Image(root, order, read)
     hints: list[Hint] = []
+    entry_points: dict[bytes, list[tuple[bytes, Node]]] = {}  # site directory -> its distributions' files
     for path, _parent, node in order:
         if not stat.S_ISREG(node.mode) or not node.chunks:
             continue
+        if m := _ENTRY_POINTS.fullmatch(path):
+            entry_points.setdefault(m[1], []).append((path, node))
         if path.endswith(b".py"):
             hints.extend((node, t, off, size) for t, off, size in image.python_hints(path))
             # The interpreter reads the bytecode first: it leads to the source's hints (size 0: fetch
@@ -78,6 +85,12 @@ def access_hints(root: Node, order: Sequence[tuple[bytes, Node, Node]], read: Re
                 hints.append((node, cache, 0, -1))  # a program's loader maps it whole, first
             hints.extend((node, lib, 0, 1) for lib in image.needed(path, elf))
             hints.extend((node, node, off, size) for off, size in elf.init_reads)
+    # importlib.metadata.entry_points() reads the entry_points.txt of every distribution in a
+    # directory on sys.path, one after another in directory order (by name, in an image): each
+    # leads to the next, so the first one read fetches the rest.
+    for files in entry_points.values():
+        files.sort(key=lambda f: f[0])
+        hints.extend((a, b, 0, -1) for (_, a), (_, b) in itertools.pairwise(files))
     return hints
 
 
