@@ -11,7 +11,8 @@ fetching it.
   an ELF object or a module, or an object at addresses past 2^63, breaks nothing, and symlinks
   never lead out of the image.
 - The mount: reading one module fetches what it imports, before anyone reads it, and nothing
-  else; `--no-hints` fetches only what is read. Bytes read are the image's either way.
+  else; `--no-hints` fetches only what is read. A mount that follows hints reads ahead of a miss
+  only after a small chunk. Bytes read are the image's either way.
 - The prefetcher: a walk's range requests run on all its threads at once, in the order the app
   imports, not the order the blob stores.
 """
@@ -341,6 +342,23 @@ def readelf_sections(path: Path) -> dict[str, tuple[int, int]]:
         if len(parts) > 6 and parts[0].startswith("[") and parts[1].startswith("."):
             sections[parts[1]] = (int(parts[4], 16), int(parts[5], 16))
     return sections
+
+
+@pytest.mark.parametrize("hints", [True, False], ids=["hints", "no-hints"])
+def test_a_mount_that_follows_hints_reads_ahead_only_after_small_chunks(hints: bool, registry: RegistryServer,
+                                                                          node: Node) -> None:
+    tree = node.root / "tree"
+    for name in "abcd":  # stored back to back, 200 KB each (random: as big compressed)
+        write(tree, f"data/{name}", os.urandom(200_000))
+    write(tree, "app/mod.py", "")
+    write(tree, "app/main.py", "import mod\n")  # an image with hints
+    ref, _ = publish(node.home, tree, registry, name="readahead")
+    mnt = node.mount(ref, *([] if hints else ["--no-hints"]))
+    assert (mnt / "data/a").read_bytes()[:10] == (tree / "data/a").read_bytes()[:10]
+    fetched = node.stats(mnt)["chunks_fetched"]
+    # Hints fetch a start's neighbours; a miss of a 200 KB chunk reads nothing more. Without
+    # hints, read-ahead takes the next chunks, up to 1 MiB until the link is measured.
+    assert fetched == 1 if hints else fetched == 4, fetched
 
 
 @pytest.mark.parametrize("hints", [True, False], ids=["hints", "no-hints"])
