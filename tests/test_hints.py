@@ -1,8 +1,9 @@
 """Access hints (docs/format.md §10): what a build predicts a lazy start reads next, and the mount
 fetching it.
 
-- The builder: a module's top-level imports (absolute, relative, `from package import submodule`,
-  extension modules), not those inside functions or `try`; checked-hash bytecode leads to its
+- The builder: the imports a module runs as it is imported (absolute, relative, `from package
+  import submodule`, extension modules; in `try` too), not those inside functions or classes or
+  under `if TYPE_CHECKING:`; checked-hash bytecode leads to its
   source (fetched), timestamp bytecode only follows it; an ELF object's loader tables and its
   DT_NEEDED libraries (real system libraries, found through symlinks), a program's loader cache,
   the code its static initialisers call and the read-only data that code addresses (C++ libraries
@@ -68,12 +69,17 @@ def app_tree(root: Path) -> Path:
                                "from pkg import helper, CONST as c\n"  # helper.py (a submodule)
                                "import native  # noqa\n"    # native.cpython-311-x86_64-linux-gnu.so
                                "def f():\n    import pkg.lazy\n"  # not at import time: no hint
-                               "try:\n    import pkg.optional\nexcept ImportError:\n    pass\n")
+                               "try:\n    import pkg.optional\n"  # runs on import: hinted
+                               "except ImportError:\n    pass\n"
+                               "if TYPE_CHECKING:\n    import pkg.typed\n"  # for type checkers only
+                               "if __name__ == '__main__':\n    import pkg.script\n"  # as a script only
+                               "class C:\n    if True:\n        import pkg.in_class\n")  # not followed
     write(root, "app/pkg/__init__.py", "from . import sibling\nfrom .deep.mod import thing\nCONST = 1\n")
     write(root, "app/pkg/sibling.py", "X = 1\n")
     write(root, "app/pkg/helper.py", "Y = 2\n")
     write(root, "app/pkg/lazy.py", "Z = 3\n")
-    write(root, "app/pkg/optional.py", "W = 4\n")
+    for name in ("optional", "typed", "script", "in_class"):
+        write(root, f"app/pkg/{name}.py", "W = 4\n")
     write(root, "app/pkg/inner/__init__.py", "import pkg.sibling\n")
     write(root, "app/pkg/deep/__init__.py", "")
     write(root, "app/pkg/deep/mod.py", "thing = 5\n")
@@ -133,6 +139,7 @@ def test_python_hints_follow_top_level_imports(tmp_path: Path) -> None:
         ("/app/pkg/inner/__init__.py", 0, -1),
         (helper_pyc, 0, -1), ("/app/pkg/helper.py", 0, -1),  # checked-hash: the import reads both
         ("/app/native.cpython-311-x86_64-linux-gnu.so", 0, 1),  # its header; the loader does the rest
+        ("/app/pkg/optional.py", 0, -1),
     ]
     # A submodule imported with `from . import` is hinted; timestamp bytecode only (no source).
     assert hints["/app/pkg/__init__.py"] == [(sibling_pyc, 0, -1), ("/app/pkg/deep/__init__.py", 0, -1),
@@ -146,8 +153,9 @@ def test_python_hints_follow_top_level_imports(tmp_path: Path) -> None:
     assert "/app/native.cpython-311-x86_64-linux-gnu.so" not in hints
     assert "/app/libhigh.so" not in hints
     assert "/app/broken.py" not in hints
+    never = {f"/app/pkg/{n}.py" for n in ("lazy", "typed", "script", "in_class")}
     for targets in hints.values():
-        assert not {t for t, _, _ in targets} & {"/app/pkg/lazy.py", "/app/pkg/optional.py"}
+        assert not {t for t, _, _ in targets} & never
 
 
 def test_entry_points_of_a_site_directory_lead_one_to_the_next(tmp_path: Path) -> None:

@@ -4,11 +4,11 @@ A lazy mount without a prefetch list learns what an app needs one miss at a
 time, and every miss is a round trip the app waits for. Two kinds of files
 say much of what comes next, and both can be read at build time:
 
-* **Python modules.** The imports at a module's top level (column 0: not
-  inside a function, an `if` or a `try`) run whenever the module is
-  imported. Each names modules whose bytecode (and, for a checked-hash pyc,
-  source) the interpreter reads next, and so on down. torchapp's static
-  import closure is 25 MB, of which 0.3 MB its start never reads.
+* **Python modules.** The imports at a module's top level, and in the `if`,
+  `try` and `with` blocks there, run when the module is imported (those in
+  a function run when it is called, if ever). Each names modules whose
+  bytecode (and, for a checked-hash pyc, source) the interpreter reads
+  next, and so on down.
 * **ELF objects.** The dynamic loader reads an object's symbol, string, hash,
   version and relocation tables and its writable segment, all of it, and
   then loads its DT_NEEDED libraries the same way.
@@ -46,10 +46,15 @@ MAX_SOURCE = 4 << 20  # a module bigger than this is not scanned for imports
 MAX_RANGE = 64 << 20  # no single ELF hint asks for more
 
 _IMPORT = re.compile(
-    rb"^(?:import[ \t]+(?P<names>[^\n#;]+)"
+    rb"(?:import[ \t]+(?P<names>[^\n#;]+)"
     rb"|from[ \t]+(?P<module>\.*[\w.]*)[ \t]+import[ \t]+(?P<what>\([^)]*\)|[^\n#;]+))",
-    re.MULTILINE,
 )
+# The statements whose bodies a module runs as it is imported (a condition's or a handler's
+# often, a function's or a class's body not, or not as a rule), and the conditions that hold
+# only for type checkers or when the module is run as a script.
+_RUN_ON_IMPORT = re.compile(rb"(?:if|elif|else|try|except|finally|with)\b")
+_NOT_ON_IMPORT = re.compile(rb"(?:el)?if[ \t(]+(?:(?:typing\.)?TYPE_CHECKING\b|__name__[ \t]*==)")
+MAX_HEADER_SCAN = 2000  # lines looked back from an indented import for the statements around it
 _PYTHON_LIB = re.compile(rb".*/lib/python3\.\d+")
 _SITE = re.compile(rb".*/(?:site|dist)-packages")
 _ENTRY_POINTS = re.compile(rb"(.*/(?:site|dist)-packages)/[^/]+\.(?:dist|egg)-info/entry_points\.txt")
@@ -140,7 +145,7 @@ class _Image:
     # --- Python --------------------------------------------------------
 
     def python_hints(self, path: bytes) -> list[tuple[Node, int, int]]:
-        """What importing the module at `path` reads next: its top-level imports, in order."""
+        """What importing the module at `path` reads next: the imports it runs, in order."""
         node = self._file(path)
         source = self.read(node, 0, node.size) if node is not None and node.size <= MAX_SOURCE else None
         if not source:
@@ -360,19 +365,43 @@ def _maybe_elf(path: bytes, node: Node) -> bool:
 
 
 def _import_statements(source: bytes) -> Iterator[re.Match[bytes]]:
-    """The top-level import statements of `source`, in order. Lines are found with bytes.find, which
-    is many times faster than letting the regex try every position of 150 MB of sources."""
+    """The import statements `source` runs as it is imported, in order: at its top level, and in
+    the `if`, `try` and `with` blocks there (not `if TYPE_CHECKING:` or `if __name__ == ...`).
+    Lines are found with bytes.find, which is many times faster than letting the regex try every
+    position of 150 MB of sources."""
     starts = []
     for keyword in (b"import ", b"import\t", b"from ", b"from\t"):
         if source.startswith(keyword):
             starts.append(0)
-        i = source.find(b"\n" + keyword)
+        i = source.find(keyword)
         while i >= 0:
-            starts.append(i + 1)
-            i = source.find(b"\n" + keyword, i + 1)
-    for start in sorted(starts):
+            line = source.rfind(b"\n", 0, i) + 1
+            if line == i or (source[line:i].isspace() and _runs_on_import(source, line, i - line)):
+                starts.append(i)
+            i = source.find(keyword, i + 1)
+    for start in sorted(set(starts)):
         if m := _IMPORT.match(source, start):
             yield m
+
+
+def _runs_on_import(source: bytes, line: int, indent: int) -> bool:
+    """Whether the statement indented by `indent` on the line at `line` runs when the module is
+    imported: every statement it is nested in, out to the top level, is one of _RUN_ON_IMPORT."""
+    for _ in range(MAX_HEADER_SCAN):
+        if line == 0:
+            return False
+        end = line - 1
+        line = source.rfind(b"\n", 0, end) + 1
+        text = source[line:end]
+        stripped = text.lstrip(b" \t")
+        if not stripped or stripped.startswith(b"#") or len(text) - len(stripped) >= indent:
+            continue  # blank, a comment, or a statement of the same block or a deeper one
+        if not _RUN_ON_IMPORT.match(stripped) or _NOT_ON_IMPORT.match(stripped):
+            return False
+        indent = len(text) - len(stripped)
+        if indent == 0:
+            return True
+    return False
 
 
 def _names(text: bytes) -> Iterator[bytes]:
