@@ -174,6 +174,44 @@ def test_entry_points_of_a_site_directory_lead_one_to_the_next(tmp_path: Path) -
     assert "/usr/lib/python3/dist-packages/pip-23.0.dist-info/entry_points.txt" not in hints
 
 
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_cpython_hints_what_it_reads_before_the_script(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    python = tree / "usr/bin/python3.11"
+    python.parent.mkdir(parents=True)
+    src = write(tmp_path, "main.c", "int main(void) { return 0; }\n")
+    ok(subprocess.run(["gcc", "-o", str(python), str(src)], capture_output=True, text=True))
+    for module in ("encodings/__init__", "encodings/utf_8", "json/__init__"):
+        write(tree, f"usr/lib/python3.11/{module}.py", "")
+    write(tree, "etc/python3.11/sitecustomize.py", "")
+    os.symlink("/etc/python3.11/sitecustomize.py", tree / "usr/lib/python3.11/sitecustomize.py")
+    write(tree, "usr/lib/python3/dist-packages/system.pth", "")
+    write(tree, "opt/venv/pyvenv.cfg", "home = /usr/bin\ninclude-system-site-packages = false\n")
+    os.makedirs(tree / "opt/venv/bin")
+    os.symlink("/usr/bin/python3.11", tree / "opt/venv/bin/python")
+    for name in ("z.pth", "a.pth", "module.py"):
+        write(tree, f"opt/venv/lib/python3.11/site-packages/{name}", name)
+    write(tree, "opt/other/pyvenv.cfg", "home = /usr/local/bin\n")  # another interpreter's venv
+    write(tree, "opt/other/lib/python3.11/site-packages/other.pth", "")
+    hints = hints_by_path(build(tmp_path, tree))["/usr/bin/python3.11"]
+    site = "/opt/venv/lib/python3.11/site-packages"
+    assert [t for t, _, _ in hints if t != "/usr/bin/python3.11"] == [
+        "/opt/venv/pyvenv.cfg", "/usr/lib/python3/dist-packages/system.pth", f"{site}/a.pth", f"{site}/z.pth",
+        "/usr/lib/python3.11/encodings/__init__.py", "/usr/lib/python3.11/encodings/utf_8.py",
+        "/etc/python3.11/sitecustomize.py",
+    ]
+    # A small program hints all it loads (its code too, not only the loader's tables).
+    hinted = set()
+    for t, off, size in hints:
+        if t == "/usr/bin/python3.11":
+            hinted.update(range(off, off + size))
+    segments = ok(subprocess.run(["readelf", "-lW", str(python)], capture_output=True, text=True)).stdout
+    for line in segments.splitlines():
+        if line.split()[:1] == ["LOAD"]:
+            off, size = int(line.split()[1], 16), int(line.split()[4], 16)
+            assert set(range(off, off + size)) <= hinted, line
+
+
 @pytest.mark.parametrize("version", ["3.10", "3.11"])
 def test_frozen_standard_modules_are_not_hinted(version: str, tmp_path: Path) -> None:
     """CPython 3.11 runs `os`, `stat` and the like from frozen copies: importing them reads no file."""

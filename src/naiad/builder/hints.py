@@ -14,6 +14,9 @@ say much of what comes next, and both can be read at build time:
   then loads its DT_NEEDED libraries the same way.
 * **Distributions' entry points.** `importlib.metadata.entry_points()`
   reads every `*.dist-info/entry_points.txt` of a site directory in turn.
+* **CPython's start.** Before the script, the interpreter reads its venv's
+  pyvenv.cfg, the site directories' `.pth` files and a few modules, one
+  miss after another; its own code, a small program's, is most of it.
 
 A hint says: when a mount first reads file T (keyed by T's first chunk),
 fetch these bytes of file F, then follow F's own hints. The mount walks them
@@ -44,6 +47,9 @@ Reader = Callable[[Node, int, int], "bytes | None"]
 
 MAX_SOURCE = 4 << 20  # a module bigger than this is not scanned for imports
 MAX_RANGE = 64 << 20  # no single ELF hint asks for more
+# A program (PT_INTERP) no bigger than this hints all it loads: from main on, its start runs and
+# reads much of it (python3.11: 5 of its 7 chunks were misses, one after another).
+PROGRAM_WHOLE = 16 << 20
 
 _IMPORT = re.compile(
     rb"(?:import[ \t]+(?P<names>[^\n#;]+)"
@@ -56,6 +62,10 @@ _RUN_ON_IMPORT = re.compile(rb"(?:if|elif|else|try|except|finally|with)\b")
 _NOT_ON_IMPORT = re.compile(rb"(?:el)?if[ \t(]+(?:(?:typing\.)?TYPE_CHECKING\b|__name__[ \t]*==)")
 MAX_HEADER_SCAN = 2000  # lines looked back from an indented import for the statements around it
 _PYTHON_LIB = re.compile(rb".*/lib/python3\.\d+")
+_CPYTHON = re.compile(rb"(.*)/bin/python3\.(\d+)")  # CPython, by its versioned name: PREFIX/bin/python3.N
+# What CPython imports as it starts, before site: the codec registry and the filesystem encoding's
+# codec (UTF-8 on Linux: PEP 538 and 540 turn the C locale into it); after: the customisations.
+_STARTUP_MODULES = (b"encodings", b"encodings.utf_8", b"sitecustomize", b"usercustomize")
 _SITE = re.compile(rb".*/(?:site|dist)-packages")
 _ENTRY_POINTS = re.compile(rb"(.*/(?:site|dist)-packages)/[^/]+\.(?:dist|egg)-info/entry_points\.txt")
 # Standard modules CPython 3.11 and later run from copies frozen into the interpreter
@@ -90,6 +100,8 @@ def access_hints(root: Node, order: Sequence[tuple[bytes, Node, Node]], read: Re
                 hints.append((node, cache, 0, -1))  # a program's loader maps it whole, first
             hints.extend((node, lib, 0, 1) for lib in image.needed(path, elf))
             hints.extend((node, node, off, size) for off, size in elf.init_reads)
+            if elf.interp:  # what the program reads once it runs
+                hints.extend((node, t, off, size) for t, off, size in image.interpreter_start(path, node))
     # importlib.metadata.entry_points() reads the entry_points.txt of every distribution in a
     # directory on sys.path, one after another in directory order (by name, in an image): each
     # leads to the next, so the first one read fetches the rest.
@@ -129,6 +141,10 @@ class _Image:
         # packages directory, the standard libraries and their lib-dynload.
         self.roots = sorted({d for d in dirs if _SITE.fullmatch(d)} | set(python_libs)
                             | {d + b"/lib-dynload" for d in python_libs})
+        # Virtual environments: (their directory, pyvenv.cfg, the directory of their interpreter).
+        self.venvs = [(path[:-len(b"/pyvenv.cfg")], node, home) for path, _, node in order
+                      if path.endswith(b"/pyvenv.cfg") and stat.S_ISREG(node.mode) and node.size <= 1 << 16
+                      and (home := _venv_home(read(node, 0, node.size))) is not None]
 
     # --- lookups -------------------------------------------------------
 
@@ -307,6 +323,33 @@ class _Image:
         dirs = self._runpath(path, elf) + self._loader_dirs(elf.machine)
         return [lib for name in elf.needed if (lib := self._library(path, name, dirs)) is not None]
 
+    def interpreter_start(self, path: bytes, program: Node) -> list[tuple[Node, int, int]]:
+        """What the program at `path` reads as it starts, if it is CPython (PREFIX/bin/python3.N)
+        with its standard library: the pyvenv.cfg of each venv made from it, the `.pth` files of
+        that venv's and its own site directories (site reads them all), and the modules it
+        imports before the script (_STARTUP_MODULES)."""
+        m = _CPYTHON.fullmatch(path)
+        stdlib = m[1] + b"/lib/python3." + m[2] if m else b""
+        if m is None or not self._is_dir(stdlib):
+            return []
+        names = (b"python3." + m[2], b"python3", b"python")
+        venvs = [(d, cfg) for d, cfg, home in self.venvs
+                 if any(self.node(home + b"/" + n) is program for n in names)]
+        site_dirs = [stdlib + b"/site-packages", m[1] + b"/lib/python3/dist-packages",
+                     m[1] + b"/local/lib/python3." + m[2] + b"/dist-packages",
+                     *(d + b"/lib/python3." + m[2] + b"/site-packages" for d, _ in venvs)]
+        files = [cfg for _, cfg in venvs]
+        for d in site_dirs:
+            dnode = self.node(d)
+            for n in sorted(dnode.children) if dnode is not None and dnode.children is not None else ():
+                if n.endswith(b".pth") and (f := self._file(d + b"/" + n)) is not None:
+                    files.append(f)
+        out = [(f, 0, -1) for f in files]
+        for module in _STARTUP_MODULES:
+            for module_file in self._find_module_files(stdlib, module, 0):
+                out.extend((target, 0, size) for target, size in self._module_reads(module_file))
+        return out
+
     def loader_cache(self, path: bytes, elf: _Elf) -> Node | None:
         """/etc/ld.so.cache if the loader reads it to start the program at `path`: one of its
         libraries is not where its RUNPATH says (glibc's search order: RUNPATH, then the cache)."""
@@ -341,6 +384,15 @@ class _Image:
                 dirs += [base + b"/" + triplet, base] if triplet else [base]
             self._loader_dirs_of[machine] = [*dirs, b"/lib64", b"/usr/lib64", b"/usr/local/lib"]
         return self._loader_dirs_of[machine]
+
+
+def _venv_home(cfg: bytes | None) -> bytes | None:
+    """The `home` of a pyvenv.cfg: the directory of the interpreter the venv was made from."""
+    for line in (cfg or b"").splitlines():
+        key, sep, value = line.partition(b"=")
+        if sep and key.strip() == b"home" and value.strip().startswith(b"/"):
+            return value.strip().rstrip(b"/")
+    return None
 
 
 def _relative_base(path: bytes, level: int) -> bytes:
@@ -478,6 +530,8 @@ def _parse_elf(node: Node, head: bytes, read: Reader) -> _Elf | None:
                     needed.append(name)
             elif tag == _DT_RUNPATH or not any(t == _DT_RUNPATH for t, _ in strings):
                 runpath += [d for d in name.split(b":") if d]  # DT_RPATH counts only without RUNPATH
+    if interp and sum(size for _, _, size, _ in loads) <= PROGRAM_WHOLE:
+        code += [(off, size) for _, off, size, _ in loads if size]  # after its libraries, as it runs
     loader = _merged(_clipped(ranges, node.size))
     grains = []
     for off, size in code:
