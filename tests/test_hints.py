@@ -362,6 +362,41 @@ def test_elf_hints_name_the_data_its_initialisers_read(tmp_path: Path) -> None:
     assert not hinted("_ZL12unread_table"), own
 
 
+# A Python extension module: the import calls PyInit_fake once the module is loaded, and it calls
+# a function stored a chunk away; another, never called, lies between them.
+EXTENSION = r"""
+static __attribute__((noinline)) int reached(int x) { return x * 7 + VARIANT; }
+__asm__(".text\n.skip 1048576, 0xcc\n");
+__attribute__((noinline)) int never(int x) { return x * 13; }
+__asm__(".text\n.skip 1048576, 0xcc\n");
+void *PyInit_fake(void) { return (void *)(long)reached(3); }
+"""
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_an_extension_module_hints_the_code_its_init_function_runs(tmp_path: Path) -> None:
+    src = write(tmp_path, "fake.c", EXTENSION)
+    tree = tmp_path / "tree"
+    site = tree / "usr/lib/python3/dist-packages"
+    site.mkdir(parents=True)
+    # The same code in a plain library (built apart: identical files would share their hints).
+    objects = {"fake.cpython-311-x86_64-linux-gnu.so": "1", "libfake.so": "2"}
+    for name, variant in objects.items():
+        ok(subprocess.run(["gcc", "-O1", "-fPIC", "-shared", f"-DVARIANT={variant}", "-fno-toplevel-reorder",
+                           "-o", str(site / name), str(src)], capture_output=True, text=True))
+    hints = hints_by_path(build(tmp_path, tree))
+    for name in objects:
+        offsets = function_offsets(site / name)
+        own = [(off, size) for _, off, size in hints.get(f"/usr/lib/python3/dist-packages/{name}", [])]
+
+        def hinted(function: str, offsets: dict[str, int] = offsets, own: list = own) -> bool:
+            return any(o <= offsets[function] < o + s for o, s in own)
+
+        reached = next(f for f in offsets if f.startswith("reached"))
+        assert hinted(reached) == name.startswith("fake."), (name, own)
+        assert not hinted("never")
+
+
 def function_offsets(lib: Path) -> dict[str, int]:
     """File offset of each function symbol."""
     return symbol_offsets(lib, ".text", "tT")

@@ -62,6 +62,7 @@ _RUN_ON_IMPORT = re.compile(rb"(?:if|elif|else|try|except|finally|with)\b")
 _NOT_ON_IMPORT = re.compile(rb"(?:el)?if[ \t(]+(?:(?:typing\.)?TYPE_CHECKING\b|__name__[ \t]*==)")
 MAX_HEADER_SCAN = 2000  # lines looked back from an indented import for the statements around it
 _PYTHON_LIB = re.compile(rb".*/lib/python3\.\d+")
+_EXTENSION_MODULE = re.compile(rb".*/([A-Za-z_]\w*)\.(?:cpython-[^/]+|abi3)\.so")
 _CPYTHON = re.compile(rb"(.*)/bin/python3\.(\d+)")  # CPython, by its versioned name: PREFIX/bin/python3.N
 # What CPython imports as it starts, before site: the codec registry and the filesystem encoding's
 # codec (UTF-8 on Linux: PEP 538 and 540 turn the C locale into it); after: the customisations.
@@ -92,7 +93,7 @@ def access_hints(root: Node, order: Sequence[tuple[bytes, Node, Node]], read: Re
             for bytecode in image.bytecode_of(path):
                 checked = checked_hash(read(bytecode, 0, HEADER_SIZE))
                 hints.append((bytecode, node, 0, -1 if checked else 0))
-        elif _maybe_elf(path, node) and (elf := image.elf(node)) is not None:
+        elif _maybe_elf(path, node) and (elf := image.elf(node, _extension_init(path))) is not None:
             # The loader's order: this object's tables and data, its libraries (whose initialisers
             # run first), then this object's initialisers.
             hints.extend((node, node, off, size) for off, size in elf.ranges)
@@ -309,12 +310,13 @@ class _Image:
 
     # --- ELF -----------------------------------------------------------
 
-    def elf(self, node: Node) -> _Elf | None:
+    def elf(self, node: Node, entry: bytes | None = None) -> _Elf | None:
+        """The object `node` holds, if one; `entry`: a function run right after its initialisers."""
         head = self.read(node, 0, 64)
         if not head or not head.startswith(b"\x7fELF"):
             return None
         try:
-            return _parse_elf(node, head, self.read)
+            return _parse_elf(node, head, self.read, entry)
         except (struct.error, ValueError, IndexError, OverflowError):
             return None  # not an object the loader would take either
 
@@ -384,6 +386,13 @@ class _Image:
                 dirs += [base + b"/" + triplet, base] if triplet else [base]
             self._loader_dirs_of[machine] = [*dirs, b"/lib64", b"/usr/lib64", b"/usr/local/lib"]
         return self._loader_dirs_of[machine]
+
+
+def _extension_init(path: bytes) -> bytes | None:
+    """PyInit_NAME for a Python extension module (NAME.cpython-TAG.so, NAME.abi3.so): the import
+    calls it once the loader has run the module's initialisers."""
+    m = _EXTENSION_MODULE.fullmatch(path)
+    return b"PyInit_" + m[1] if m else None
 
 
 def _venv_home(cfg: bytes | None) -> bytes | None:
@@ -474,7 +483,7 @@ _SHDR = struct.Struct("<IIQQQQIIQQ")
 CODE_GRAIN = 64 << 10
 
 
-def _parse_elf(node: Node, head: bytes, read: Reader) -> _Elf | None:
+def _parse_elf(node: Node, head: bytes, read: Reader, entry: bytes | None = None) -> _Elf | None:
     if head[4] != 2 or head[5] != 1:  # ELFCLASS64, ELFDATA2LSB only
         return None
     e_type, machine = struct.unpack_from("<HH", head, 16)
@@ -517,7 +526,7 @@ def _parse_elf(node: Node, head: bytes, read: Reader) -> _Elf | None:
                 tags.setdefault(tag, value)
         ranges += _loader_tables(tags, file_offset, loads)
         code = elfcode.init_reads(machine, tags, loads, eh_frame_hdr, _readonly_data(node, head, loads, read),
-                                  lambda off, size: read(node, off, size))
+                                  lambda off, size: read(node, off, size), entry)
         strtab = file_offset(tags.get(_DT_STRTAB, -1)) if _DT_STRTAB in tags else None
         size = min(tags.get(_DT_STRSZ, 0), 16 << 20)
         fits = strtab is not None and size and strtab + size <= node.size
