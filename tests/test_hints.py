@@ -397,6 +397,31 @@ def test_an_extension_module_hints_the_code_its_init_function_runs(tmp_path: Pat
         assert not hinted("never")
 
 
+# An exported constructor: its .init_array entry is bound by symbol (R_X86_64_64), not RELATIVE.
+EXPORTED_CONSTRUCTOR = r"""
+static __attribute__((noinline)) int reached(int x) { return x * 7 + 1; }
+__asm__(".text\n.skip 1048576, 0xcc\n");
+int value;
+__attribute__((constructor)) void exported_init(void) { value = reached(3); }
+"""
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_an_exported_constructor_is_an_initialiser(tmp_path: Path) -> None:
+    src = write(tmp_path, "ctor.c", EXPORTED_CONSTRUCTOR)
+    tree = tmp_path / "tree"
+    lib = tree / "usr/lib/libctor.so"
+    lib.parent.mkdir(parents=True)
+    ok(subprocess.run(["gcc", "-O1", "-fPIC", "-shared", "-o", str(lib), str(src)],
+                      capture_output=True, text=True))
+    relocations = ok(subprocess.run(["readelf", "-rW", str(lib)], capture_output=True, text=True)).stdout
+    assert any("R_X86_64_64" in ln and "exported_init" in ln for ln in relocations.splitlines())
+    offsets = function_offsets(lib)
+    own = [(off, size) for _, off, size in hints_by_path(build(tmp_path, tree))["/usr/lib/libctor.so"]]
+    reached = next(f for f in offsets if f.startswith("reached"))
+    assert any(o <= offsets[reached] < o + s for o, s in own), own
+
+
 def function_offsets(lib: Path) -> dict[str, int]:
     """File offset of each function symbol."""
     return symbol_offsets(lib, ".text", "tT")

@@ -11,10 +11,11 @@ its 1 MiB chunks of code.
 The call graph from the initialisers is readable without running anything:
 
 * the roots are DT_INIT and the DT_INIT_ARRAY entries (relocated values: a
-  RELA R_X86_64_RELATIVE relocation's addend, or the value in place, as with
-  RELR), and a function the object's user calls first, if named (a Python
-  extension module's PyInit_NAME: numpy's reaches 4 of the 7 chunks its
-  import missed);
+  RELA R_X86_64_RELATIVE relocation's addend, an R_X86_64_64 relocation's
+  symbol plus addend when the object defines the symbol, as for an exported
+  constructor, or the value in place, as with RELR), and a function the
+  object's user calls first, if named (a Python extension module's
+  PyInit_NAME: numpy's reaches 4 of the 7 chunks its import missed);
 * function extents come from `.eh_frame_hdr` (PT_GNU_EH_FRAME), whose
   binary-search table lists the start of every function with unwind
   information, so a function runs to the next start;
@@ -59,7 +60,7 @@ BLOCK = 1 << 20  # the unit the object's code is read (and kept) in while it is 
 _EM_X86_64 = 62
 _DT_PLTRELSZ, _DT_STRTAB, _DT_SYMTAB, _DT_RELA, _DT_RELASZ, _DT_STRSZ, _DT_INIT = 2, 5, 6, 7, 8, 10, 12
 _DT_JMPREL, _DT_INIT_ARRAY, _DT_INIT_ARRAYSZ = 23, 25, 27
-_R_X86_64_RELATIVE = 8
+_R_X86_64_64, _R_X86_64_RELATIVE = 1, 8
 _PF_X = 1
 _RELA = struct.Struct("<QQq")
 # lea/mov r64, [rip + disp32]: REX.W (any of R, X, B), opcode 8D or 8B, ModRM mod 00 r/m 101.
@@ -227,8 +228,14 @@ def _init_functions(code: _Code, tags: dict[int, int]) -> list[int]:
     if _DT_RELA in tags:
         relocations = code.at(tags[_DT_RELA], min(tags.get(_DT_RELASZ, 0), 64 << 20)) or b""
     for r_offset, r_info, addend in _RELA.iter_unpack(relocations[: len(relocations) // 24 * 24]):
-        if array_at <= r_offset < array_at + array_size and r_info & 0xFFFFFFFF == _R_X86_64_RELATIVE:
+        if not array_at <= r_offset < array_at + array_size:
+            continue
+        if r_info & 0xFFFFFFFF == _R_X86_64_RELATIVE:
             values[(r_offset - array_at) // 8] = addend
+        elif r_info & 0xFFFFFFFF == _R_X86_64_64:  # an exported initialiser, bound by its symbol
+            symbol = _defined(code, tags.get(_DT_SYMTAB), r_info >> 32)
+            if symbol is not None:
+                values[(r_offset - array_at) // 8] = symbol + addend
     executable = [(va, va + size) for va, _, size, flags in code.loads if flags & _PF_X]
     return roots + [v for v in values.values() if any(lo <= v < hi for lo, hi in executable)]
 
@@ -276,8 +283,13 @@ class _PltTargets:
             raw = raw or b""
             self._slots = {off: info >> 32 for off, info, _ in _RELA.iter_unpack(raw[: len(raw) // 24 * 24])}
         index = self._slots.get(slot)
-        entry = self.code.at(self.symtab + index * _SYM.size, _SYM.size) if index else None  # type: ignore[operator]
-        if entry is None or len(entry) < _SYM.size:
-            return None
-        _name, _info, _other, shndx, value, _size = _SYM.unpack(entry)
-        return value if shndx != 0 and value else None
+        return _defined(self.code, self.symtab, index) if index else None
+
+
+def _defined(code: _Code, symtab: int | None, index: int) -> int | None:
+    """The value of dynamic symbol `index` if the object defines it."""
+    entry = code.at(symtab + index * _SYM.size, _SYM.size) if symtab is not None else None
+    if entry is None or len(entry) < _SYM.size:
+        return None
+    _name, _info, _other, shndx, value, _size = _SYM.unpack(entry)
+    return value if shndx != 0 and value else None
