@@ -1,8 +1,8 @@
 """Access hints: what a lazy start will read next, predicted from the image alone (docs/format.md §10).
 
 A lazy mount without a prefetch list learns what an app needs one miss at a
-time, and every miss is a round trip the app waits for. Two kinds of files
-say much of what comes next, and both can be read at build time:
+time, and every miss is a round trip the app waits for. Some files say much
+of what comes next, and they can be read at build time:
 
 * **Python modules.** The imports at a module's top level, and in the `if`,
   `try` and `with` blocks there, run when the module is imported (those in
@@ -432,15 +432,13 @@ def _import_statements(source: bytes) -> Iterator[re.Match[bytes]]:
     position of 150 MB of sources."""
     starts = []
     for keyword in (b"import ", b"import\t", b"from ", b"from\t"):
-        if source.startswith(keyword):
-            starts.append(0)
         i = source.find(keyword)
         while i >= 0:
             line = source.rfind(b"\n", 0, i) + 1
             if line == i or (source[line:i].isspace() and _runs_on_import(source, line, i - line)):
                 starts.append(i)
             i = source.find(keyword, i + 1)
-    for start in sorted(set(starts)):
+    for start in sorted(starts):
         if m := _IMPORT.match(source, start):
             yield m
 
