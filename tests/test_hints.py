@@ -308,20 +308,16 @@ Init init;
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 def test_elf_hints_name_the_code_its_initialisers_run(tmp_path: Path) -> None:
-    src = write(tmp_path, "init.cpp", INIT_LIBRARY)
     tree = tmp_path / "tree"
-    lib = tree / "usr/lib/libinit.so"
-    lib.parent.mkdir(parents=True)
-    ok(subprocess.run(["g++", "-O1", "-fPIC", "-shared", "-fno-toplevel-reorder", "-o", str(lib), str(src)],
-                      capture_output=True, text=True))
+    lib = compile_library(write(tmp_path, "init.cpp", INIT_LIBRARY), tree / "usr/lib/libinit.so")
     offsets = function_offsets(lib)
     calls = ok(subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(lib)], capture_output=True,
                               text=True)).stdout
     assert "call" in calls and "<via_plt@plt>" in calls, "the initialiser no longer calls through the PLT"
-    own = [(off, size) for _, off, size in hints_by_path(build(tmp_path, tree))["/usr/lib/libinit.so"]]
+    own = own_ranges(build(tmp_path, tree), "/usr/lib/libinit.so")
 
     def hinted(name: str) -> bool:
-        return any(o <= offsets[name] < o + s for o, s in own)
+        return covered(own, offsets[name])
 
     ctor = next(n for n in offsets if n.startswith("_GLOBAL__sub_I"))
     assert hinted(ctor) and hinted("via_plt") and hinted("reached")
@@ -345,21 +341,13 @@ Init init;
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 def test_elf_hints_name_the_data_its_initialisers_read(tmp_path: Path) -> None:
-    src = write(tmp_path, "data.cpp", DATA_LIBRARY)
     tree = tmp_path / "tree"
-    lib = tree / "usr/lib/libdata.so"
-    lib.parent.mkdir(parents=True)
-    ok(subprocess.run(["g++", "-O1", "-fPIC", "-shared", "-fno-toplevel-reorder", "-o", str(lib), str(src)],
-                      capture_output=True, text=True))
+    lib = compile_library(write(tmp_path, "data.cpp", DATA_LIBRARY), tree / "usr/lib/libdata.so")
     tables = symbol_offsets(lib, ".rodata", "r")
     assert abs(tables["_ZL10read_table"] - tables["_ZL12unread_table"]) >= 1 << 20, tables
-    own = [(off, size) for _, off, size in hints_by_path(build(tmp_path, tree))["/usr/lib/libdata.so"]]
-
-    def hinted(name: str) -> bool:
-        return any(o <= tables[name] < o + s for o, s in own)
-
-    assert hinted("_ZL10read_table")
-    assert not hinted("_ZL12unread_table"), own
+    own = own_ranges(build(tmp_path, tree), "/usr/lib/libdata.so")
+    assert covered(own, tables["_ZL10read_table"])
+    assert not covered(own, tables["_ZL12unread_table"]), own
 
 
 # A Python extension module: the import calls PyInit_fake once the module is loaded, and it calls
@@ -377,24 +365,18 @@ void *PyInit_fake(void) { return (void *)(long)reached(3); }
 def test_an_extension_module_hints_the_code_its_init_function_runs(tmp_path: Path) -> None:
     src = write(tmp_path, "fake.c", EXTENSION)
     tree = tmp_path / "tree"
-    site = tree / "usr/lib/python3/dist-packages"
-    site.mkdir(parents=True)
+    site = "/usr/lib/python3/dist-packages"
     # The same code in a plain library (built apart: identical files would share their hints).
     objects = {"fake.cpython-311-x86_64-linux-gnu.so": "1", "libfake.so": "2"}
     for name, variant in objects.items():
-        ok(subprocess.run(["gcc", "-O1", "-fPIC", "-shared", f"-DVARIANT={variant}", "-fno-toplevel-reorder",
-                           "-o", str(site / name), str(src)], capture_output=True, text=True))
-    hints = hints_by_path(build(tmp_path, tree))
+        compile_library(src, tree / site.lstrip("/") / name, f"-DVARIANT={variant}")
+    bs = build(tmp_path, tree)
     for name in objects:
-        offsets = function_offsets(site / name)
-        own = [(off, size) for _, off, size in hints.get(f"/usr/lib/python3/dist-packages/{name}", [])]
-
-        def hinted(function: str, offsets: dict[str, int] = offsets, own: list = own) -> bool:
-            return any(o <= offsets[function] < o + s for o, s in own)
-
+        offsets = function_offsets(tree / site.lstrip("/") / name)
+        own = own_ranges(bs, f"{site}/{name}")
         reached = next(f for f in offsets if f.startswith("reached"))
-        assert hinted(reached) == name.startswith("fake."), (name, own)
-        assert not hinted("never")
+        assert covered(own, offsets[reached]) == name.startswith("fake."), (name, own)
+        assert not covered(own, offsets["never"])
 
 
 # An exported constructor: its .init_array entry is bound by symbol (R_X86_64_64), not RELATIVE.
@@ -408,18 +390,33 @@ __attribute__((constructor)) void exported_init(void) { value = reached(3); }
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 def test_an_exported_constructor_is_an_initialiser(tmp_path: Path) -> None:
-    src = write(tmp_path, "ctor.c", EXPORTED_CONSTRUCTOR)
     tree = tmp_path / "tree"
-    lib = tree / "usr/lib/libctor.so"
-    lib.parent.mkdir(parents=True)
-    ok(subprocess.run(["gcc", "-O1", "-fPIC", "-shared", "-o", str(lib), str(src)],
-                      capture_output=True, text=True))
+    lib = compile_library(write(tmp_path, "ctor.c", EXPORTED_CONSTRUCTOR), tree / "usr/lib/libctor.so")
     relocations = ok(subprocess.run(["readelf", "-rW", str(lib)], capture_output=True, text=True)).stdout
     assert any("R_X86_64_64" in ln and "exported_init" in ln for ln in relocations.splitlines())
     offsets = function_offsets(lib)
-    own = [(off, size) for _, off, size in hints_by_path(build(tmp_path, tree))["/usr/lib/libctor.so"]]
+    own = own_ranges(build(tmp_path, tree), "/usr/lib/libctor.so")
     reached = next(f for f in offsets if f.startswith("reached"))
-    assert any(o <= offsets[reached] < o + s for o, s in own), own
+    assert covered(own, offsets[reached]), own
+
+
+def compile_library(source: Path, lib: Path, *flags: str) -> Path:
+    """`source` (C or C++, by its suffix) built as a shared object at `lib`, at -O1, with its
+    definitions in the order written."""
+    compiler = "g++" if source.suffix == ".cpp" else "gcc"
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    ok(subprocess.run([compiler, "-O1", "-fPIC", "-shared", "-fno-toplevel-reorder", *flags, "-o", str(lib),
+                       str(source)], capture_output=True, text=True))
+    return lib
+
+
+def own_ranges(bs: Bootstrap, path: str) -> list[tuple[int, int]]:
+    """(offset, size) of the hints the file at `path` has into itself."""
+    return [(off, size) for target, off, size in hints_by_path(bs).get(path, []) if target == path]
+
+
+def covered(ranges: list[tuple[int, int]], offset: int) -> bool:
+    return any(o <= offset < o + s for o, s in ranges)
 
 
 def function_offsets(lib: Path) -> dict[str, int]:
