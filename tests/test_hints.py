@@ -21,6 +21,7 @@ fetching it.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import py_compile
 import random
@@ -186,6 +187,10 @@ def test_cpython_hints_what_it_reads_before_the_script(tmp_path: Path) -> None:
     write(tree, "etc/python3.11/sitecustomize.py", "")
     os.symlink("/etc/python3.11/sitecustomize.py", tree / "usr/lib/python3.11/sitecustomize.py")
     write(tree, "usr/lib/python3/dist-packages/system.pth", "")
+    write(tree, "usr/lib/locale/C.utf8/LC_CTYPE", "ctype\n")
+    write(tree, "usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache", "cache\n")
+    write(tree, "usr/share/zoneinfo/Etc/UTC", "TZif\n")
+    os.symlink("/usr/share/zoneinfo/Etc/UTC", tree / "etc/localtime")
     write(tree, "opt/venv/pyvenv.cfg", "home = /usr/bin\ninclude-system-site-packages = false\n")
     os.makedirs(tree / "opt/venv/bin")
     os.symlink("/usr/bin/python3.11", tree / "opt/venv/bin/python")
@@ -196,7 +201,9 @@ def test_cpython_hints_what_it_reads_before_the_script(tmp_path: Path) -> None:
     hints = hints_by_path(build(tmp_path, tree))["/usr/bin/python3.11"]
     site = "/opt/venv/lib/python3.11/site-packages"
     assert [t for t, _, _ in hints if t != "/usr/bin/python3.11"] == [
-        "/opt/venv/pyvenv.cfg", "/usr/lib/python3/dist-packages/system.pth", f"{site}/a.pth", f"{site}/z.pth",
+        "/opt/venv/pyvenv.cfg", "/usr/lib/locale/C.utf8/LC_CTYPE",
+        "/usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache", "/usr/share/zoneinfo/Etc/UTC",
+        "/usr/lib/python3/dist-packages/system.pth", f"{site}/a.pth", f"{site}/z.pth",
         "/usr/lib/python3.11/encodings/__init__.py", "/usr/lib/python3.11/encodings/utf_8.py",
         "/etc/python3.11/sitecustomize.py",
     ]
@@ -210,6 +217,27 @@ def test_cpython_hints_what_it_reads_before_the_script(tmp_path: Path) -> None:
         if line.split()[:1] == ["LOAD"]:
             off, size = int(line.split()[1], 16), int(line.split()[4], 16)
             assert set(range(off, off + size)) <= hinted, line
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_the_entry_program_hints_its_script_and_locale(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "usr/bin").mkdir(parents=True)
+    src = write(tmp_path, "main.c", "int main(void) { return 0; }\n")
+    ok(subprocess.run(["gcc", "-o", str(tree / "usr/bin/tool"), str(src)], capture_output=True, text=True))
+    write(tree, "app/script.txt", "run me\n")
+    write(tree, "app/rel/data.txt", "and me\n")
+    write(tree, "app/-flag", "not an argument's file\n")
+    write(tree, "usr/lib/locale/C.utf8/LC_CTYPE", "ctype\n")  # LANG=C.UTF-8, as glibc normalises it
+    write(tree, "usr/lib/locale/de_DE.utf8/LC_CTYPE", "another locale\n")
+    config = write(tmp_path, "config.json", json.dumps({"config": {
+        "Entrypoint": ["tool"], "Cmd": ["/app/script.txt", "rel/data.txt", "-flag", "/nonexistent"],
+        "Env": ["PATH=/nowhere:/usr/bin", "LANG=C.UTF-8"], "WorkingDir": "/app"}}))
+    home, target = tmp_path / "home", f"oci:{tmp_path / 'layout'}:v1"
+    ok(naiad(home, "build", tree, target, "--config", config))
+    hints = hints_by_path(bootstrap_of(home, target))
+    assert [h for h in hints["/usr/bin/tool"] if h[0] != "/usr/bin/tool" and "x86_64" not in h[0]][-3:] == [
+        ("/app/script.txt", 0, -1), ("/app/rel/data.txt", 0, -1), ("/usr/lib/locale/C.utf8/LC_CTYPE", 0, -1)]
 
 
 @pytest.mark.parametrize("version", ["3.10", "3.11"])

@@ -25,7 +25,7 @@ import zstandard
 
 from naiad.builder.chunkdict import ChunkDict
 from naiad.builder.chunks import ChunkStore
-from naiad.builder.hints import Hint, access_hints
+from naiad.builder.hints import Hint, Process, access_hints
 from naiad.builder.placement import HEADER_SIZE, placement
 from naiad.builder.tree import Node, Tree
 from naiad.errors import FormatError, InvalidLayerError
@@ -146,7 +146,8 @@ def assemble(
             writer.add_blobs(blob_rows)
             writer.add_chunks(chunk_rows)
             writer.set_prefetch((inos[id(n)], None) for p in prefetch if (n := _prefetch_node(tree, p)))
-            writer.add_hints(_hint_rows(access_hints(tree.root, order, reader), inos, chunk_ids))
+            writer.add_hints(_hint_rows(access_hints(tree.root, order, reader, Process.of_config(config)),
+                                        inos, chunk_ids))
             writer.finish()
         except BaseException:
             writer.abort()

@@ -17,6 +17,8 @@ of what comes next, and they can be read at build time:
 * **CPython's start.** Before the script, the interpreter reads its venv's
   pyvenv.cfg, the site directories' `.pth` files and a few modules, one
   miss after another; its own code, a small program's, is most of it.
+* **The image's entry point.** The config names the program a container
+  runs and its arguments: the script it reads, the locale its Env sets.
 
 A hint says: when a mount first reads file T (keyed by T's first chunk),
 fetch these bytes of file F, then follow F's own hints. The mount walks them
@@ -28,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import os
 import posixpath
 import re
 import stat
@@ -50,6 +53,26 @@ MAX_RANGE = 64 << 20  # no single ELF hint asks for more
 # A program (PT_INTERP) no bigger than this hints all it loads: from main on, its start runs and
 # reads much of it (python3.11: 5 of its 7 chunks were misses, one after another).
 PROGRAM_WHOLE = 16 << 20
+DEFAULT_PATH = b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # runc's, without Env
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Process:
+    """What a container of the image runs, by its config: Entrypoint + Cmd, Env, WorkingDir."""
+
+    argv: list[bytes]
+    env: dict[bytes, bytes]
+    cwd: bytes
+
+    @classmethod
+    def of_config(cls, config: dict) -> Process | None:
+        c = config.get("config") or {}
+        words = [*(c.get("Entrypoint") or []), *(c.get("Cmd") or [])]
+        argv = [os.fsencode(a) for a in words if isinstance(a, str)]
+        if not argv:
+            return None
+        env = dict(os.fsencode(e).partition(b"=")[::2] for e in c.get("Env") or [] if isinstance(e, str))
+        return cls(argv, env, os.fsencode(c.get("WorkingDir") or "/"))
 
 _IMPORT = re.compile(
     rb"(?:import[ \t]+(?P<names>[^\n#;]+)"
@@ -76,8 +99,10 @@ _FROZEN_STDLIB = re.compile(rb".*/lib/python3\.(?:1[1-9]|[2-9]\d)/"
                             rb"|os|site|stat|runpy|zipimport|importlib/util|importlib/machinery)\.py")
 
 
-def access_hints(root: Node, order: Sequence[tuple[bytes, Node, Node]], read: Reader) -> list[Hint]:
-    """The hints of the tree at `root`, whose canonical walk is `order` (path, parent, node), by trigger."""
+def access_hints(root: Node, order: Sequence[tuple[bytes, Node, Node]], read: Reader,
+                 process: Process | None = None) -> list[Hint]:
+    """The hints of the tree at `root`, whose canonical walk is `order` (path, parent, node), by trigger;
+    `process`: what the image's config runs."""
     image = _Image(root, order, read)
     hints: list[Hint] = []
     entry_points: dict[bytes, list[tuple[bytes, Node]]] = {}  # site directory -> its distributions' files
@@ -109,6 +134,8 @@ def access_hints(root: Node, order: Sequence[tuple[bytes, Node, Node]], read: Re
     for files in entry_points.values():
         files.sort(key=lambda f: f[0])
         hints.extend((a, b, 0, -1) for (_, a), (_, b) in itertools.pairwise(files))
+    if process is not None:
+        hints.extend(image.entry_hints(process))
     return hints
 
 
@@ -341,6 +368,13 @@ class _Image:
                      m[1] + b"/local/lib/python3." + m[2] + b"/dist-packages",
                      *(d + b"/lib/python3." + m[2] + b"/site-packages" for d, _ in venvs)]
         files = [cfg for _, cfg in venvs]
+        # The C library's files it reads first: the locale PEP 538 coerces the C locale to (unless
+        # Env names another, which entry_hints adds), the converters that locale loads, and the
+        # time zone (`time` sets it at import).
+        for c in (b"/usr/lib/locale/C.utf8/LC_CTYPE", b"/usr/lib/locale/C.UTF-8/LC_CTYPE",
+                  *self._gconv_caches(), b"/etc/localtime"):
+            if (f := self._file(c)) is not None and f.chunks and all(f is not g for g in files):
+                files.append(f)
         for d in site_dirs:
             dnode = self.node(d)
             for n in sorted(dnode.children) if dnode is not None and dnode.children is not None else ():
@@ -350,6 +384,43 @@ class _Image:
         for module in _STARTUP_MODULES:
             for module_file in self._find_module_files(stdlib, module, 0):
                 out.extend((target, 0, size) for target, size in self._module_reads(module_file))
+        return out
+
+    def _gconv_caches(self) -> list[bytes]:
+        """glibc's gconv-modules.cache, wherever this image's libc keeps it."""
+        usr_lib = self.node(b"/usr/lib")
+        dirs = [b"/usr/lib/" + n for n in sorted(usr_lib.children or {})] if usr_lib is not None else []
+        return [p for d in [*dirs, b"/usr/lib", b"/usr/lib64"]
+                if self._file(p := d + b"/gconv/gconv-modules.cache") is not None][:1]
+
+    def entry_hints(self, process: Process) -> list[Hint]:
+        """The files the image's entry program reads once it runs, by its config: those its
+        arguments name (a script, whole, up to MAX_SOURCE; a bigger file, its first chunk) and
+        the LC_CTYPE of the locale its Env sets (the C library reads it at setlocale)."""
+        name = process.argv[0]
+        if b"/" in name:
+            candidates = [name if name.startswith(b"/") else process.cwd + b"/" + name]
+        else:
+            candidates = [d + b"/" + name for d in process.env.get(b"PATH", DEFAULT_PATH).split(b":") if d]
+        program = next((f for c in candidates if (f := self._file(c)) is not None and f.mode & 0o111), None)
+        if program is None or not program.chunks:
+            return []
+        out: list[Hint] = []
+        for arg in process.argv[1:]:
+            path = arg if arg.startswith(b"/") else process.cwd + b"/" + arg
+            f = None if arg.startswith(b"-") else self._file(path)
+            if f is not None and f.chunks and f is not program:
+                out.append((program, f, 0, -1 if f.size <= MAX_SOURCE else 1))
+        env = process.env
+        locale = env.get(b"LC_ALL") or env.get(b"LC_CTYPE") or env.get(b"LANG")
+        if locale and locale not in (b"C", b"POSIX"):
+            lang, dot, codeset = locale.partition(b".")
+            # glibc tries the name as given, then with the codeset normalised (UTF-8: utf8).
+            normal = lang + dot + bytes(c for c in codeset.lower() if chr(c).isalnum()) if dot else locale
+            for n in dict.fromkeys((locale, normal)):
+                if (f := self._file(b"/usr/lib/locale/" + n + b"/LC_CTYPE")) is not None and f.chunks:
+                    out.append((program, f, 0, -1))
+                    break
         return out
 
     def loader_cache(self, path: bytes, elf: _Elf) -> Node | None:
