@@ -38,7 +38,7 @@ from registry_server import RegistryServer
 from test_mount import Node, naiad, ok, publish, wait_for
 from test_optimize import bootstrap_of
 
-from naiad.builder.hints import CODE_GRAIN
+from naiad.builder.hints import CODE_GRAIN, Process
 from naiad.format.bootstrap import Bootstrap
 from naiad.format.pathwalk import follow
 from naiad.format.stats import bootstrap_stats
@@ -238,6 +238,18 @@ def test_the_entry_program_hints_its_script_and_locale(tmp_path: Path) -> None:
     hints = hints_by_path(bootstrap_of(home, target))
     assert [h for h in hints["/usr/bin/tool"] if h[0] != "/usr/bin/tool" and "x86_64" not in h[0]][-3:] == [
         ("/app/script.txt", 0, -1), ("/app/rel/data.txt", 0, -1), ("/usr/lib/locale/C.utf8/LC_CTYPE", 0, -1)]
+
+
+@pytest.mark.parametrize(("config", "expected"), [
+    ({}, None),
+    ({"config": "not a mapping"}, None),
+    ({"config": {"Entrypoint": "sh -c x", "Cmd": None}}, None),  # not lists: runs nothing we know of
+    ({"config": {"Entrypoint": ["/bin/sh", 3], "Cmd": ["run"], "Env": ["A=1=2", 7, "B"],
+                 "WorkingDir": "rel"}},
+     Process([b"/bin/sh", b"run"], {b"A": b"1=2", b"B": b""}, b"/")),
+])
+def test_a_config_of_any_shape_gives_a_process_or_none(config: dict, expected: Process | None) -> None:
+    assert Process.of_config(config) == expected
 
 
 @pytest.mark.parametrize("version", ["3.10", "3.11"])

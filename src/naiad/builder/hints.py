@@ -66,13 +66,22 @@ class Process:
 
     @classmethod
     def of_config(cls, config: dict) -> Process | None:
-        c = config.get("config") or {}
-        words = [*(c.get("Entrypoint") or []), *(c.get("Cmd") or [])]
-        argv = [os.fsencode(a) for a in words if isinstance(a, str)]
+        """None when the config runs nothing, or says so in a shape the image spec does not have
+        (a config is the image author's: it must not stop a build)."""
+        c = config.get("config")
+        if not isinstance(c, dict):
+            return None
+
+        def strings(key: str) -> list[bytes]:
+            value = c.get(key)
+            return [os.fsencode(v) for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+        argv = strings("Entrypoint") + strings("Cmd")
+        cwd = c.get("WorkingDir")
         if not argv:
             return None
-        env = dict(os.fsencode(e).partition(b"=")[::2] for e in c.get("Env") or [] if isinstance(e, str))
-        return cls(argv, env, os.fsencode(c.get("WorkingDir") or "/"))
+        return cls(argv, dict(e.partition(b"=")[::2] for e in strings("Env")),
+                   os.fsencode(cwd) if isinstance(cwd, str) and cwd.startswith("/") else b"/")
 
 _IMPORT = re.compile(
     rb"(?:import[ \t]+(?P<names>[^\n#;]+)"
