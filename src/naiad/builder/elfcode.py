@@ -94,6 +94,7 @@ def init_reads(machine: int, tags: dict[int, int], loads: list[tuple[int, int, i
     callees: dict[int, int | None] = {}  # call target -> the function it enters, if one
     out: list[tuple[int, int]] = []
     data: set[int] = set()
+    rodata_starts = [lo for lo, _ in rodata]
     total = 0
     while queue and len(seen) <= MAX_FUNCTIONS and total <= MAX_CODE:
         start = queue.popleft()
@@ -104,7 +105,7 @@ def init_reads(machine: int, tags: dict[int, int], loads: list[tuple[int, int, i
             continue
         out.append((code.offset(start), len(body)))  # type: ignore[arg-type]  # (at() found it)
         total += len(body)
-        data.update(_data_targets(body, start, rodata))
+        data.update(_data_targets(body, start, rodata, rodata_starts))
         for target in _call_targets(body, start):
             if target in seen:
                 continue
@@ -143,9 +144,9 @@ def _call_targets(body: bytes, vaddr: int) -> list[int]:
     return out
 
 
-def _data_targets(body: bytes, vaddr: int, rodata: list[tuple[int, int]]) -> Iterator[int]:
-    """Where each RIP-relative lea/mov in `body` (at `vaddr`) points, if into read-only data."""
-    starts = [lo for lo, _ in rodata]
+def _data_targets(body: bytes, vaddr: int, rodata: list[tuple[int, int]], starts: list[int]) -> Iterator[int]:
+    """Where each RIP-relative lea/mov in `body` (at `vaddr`) points, if into read-only data
+    (`rodata`, whose starts are `starts`)."""
     for m in _RIP_RELATIVE.finditer(body):
         end = m.end() + 4  # the instruction's end: rip when it runs
         if end > len(body):

@@ -380,9 +380,8 @@ class _Image:
         # The C library's files it reads first: the locale PEP 538 coerces the C locale to (unless
         # Env names another, which entry_hints adds), the converters that locale loads, and the
         # time zone (`time` sets it at import).
-        for c in (b"/usr/lib/locale/C.utf8/LC_CTYPE", b"/usr/lib/locale/C.UTF-8/LC_CTYPE",
-                  *self._gconv_caches(), b"/etc/localtime"):
-            if (f := self._file(c)) is not None and f.chunks and all(f is not g for g in files):
+        for f in (self._ctype(b"C.UTF-8"), self._gconv_cache(), self._file(b"/etc/localtime")):
+            if f is not None and f.chunks and all(f is not g for g in files):
                 files.append(f)
         for d in site_dirs:
             dnode = self.node(d)
@@ -395,12 +394,20 @@ class _Image:
                 out.extend((target, 0, size) for target, size in self._module_reads(module_file))
         return out
 
-    def _gconv_caches(self) -> list[bytes]:
+    def _gconv_cache(self) -> Node | None:
         """glibc's gconv-modules.cache, wherever this image's libc keeps it."""
         usr_lib = self.node(b"/usr/lib")
         dirs = [b"/usr/lib/" + n for n in sorted(usr_lib.children or {})] if usr_lib is not None else []
-        return [p for d in [*dirs, b"/usr/lib", b"/usr/lib64"]
-                if self._file(p := d + b"/gconv/gconv-modules.cache") is not None][:1]
+        return next((f for d in [*dirs, b"/usr/lib", b"/usr/lib64"]
+                     if (f := self._file(d + b"/gconv/gconv-modules.cache")) is not None), None)
+
+    def _ctype(self, locale: bytes) -> Node | None:
+        """The LC_CTYPE file of `locale`, as glibc looks for it: the name as given, then with its
+        codeset normalised (UTF-8: utf8)."""
+        lang, dot, codeset = locale.partition(b".")
+        normal = lang + dot + bytes(c for c in codeset.lower() if chr(c).isalnum()) if dot else locale
+        files = (self._file(b"/usr/lib/locale/" + n + b"/LC_CTYPE") for n in dict.fromkeys((locale, normal)))
+        return next((f for f in files if f is not None and f.chunks), None)
 
     def entry_hints(self, process: Process) -> list[Hint]:
         """The files the image's entry program reads once it runs, by its config: those its
@@ -422,14 +429,8 @@ class _Image:
                 out.append((program, f, 0, -1 if f.size <= MAX_SOURCE else 1))
         env = process.env
         locale = env.get(b"LC_ALL") or env.get(b"LC_CTYPE") or env.get(b"LANG")
-        if locale and locale not in (b"C", b"POSIX"):
-            lang, dot, codeset = locale.partition(b".")
-            # glibc tries the name as given, then with the codeset normalised (UTF-8: utf8).
-            normal = lang + dot + bytes(c for c in codeset.lower() if chr(c).isalnum()) if dot else locale
-            for n in dict.fromkeys((locale, normal)):
-                if (f := self._file(b"/usr/lib/locale/" + n + b"/LC_CTYPE")) is not None and f.chunks:
-                    out.append((program, f, 0, -1))
-                    break
+        if locale and locale not in (b"C", b"POSIX") and (ctype := self._ctype(locale)) is not None:
+            out.append((program, ctype, 0, -1))
         return out
 
     def loader_cache(self, path: bytes, elf: _Elf) -> Node | None:
