@@ -10,7 +10,11 @@ Faults are armed from the test and consumed by the requests that match them:
   `base` + the request path (a registry redirecting blob GETs to storage);
 - `stall_next(after, release)`: the next matching response sends `after` bytes
   of its body, then nothing more until the event `release` is set (a slow
-  link, frozen at a point the test chooses).
+  link, frozen at a point the test chooses);
+- `rewrite_range_next(rewrite)`: the next matching request reaches the
+  registry with its `Range` header replaced by `rewrite(header)`, or without
+  one if that is None (a server that ignores several ranges, or serves only
+  the first).
 
 Every request is recorded (method, path, request headers, status, fault), so
 tests can check what the client sent, e.g. `Range` after a drop. The Host
@@ -24,6 +28,7 @@ import http.client
 import json
 import socket
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 _HOP_BY_HOP = {
@@ -41,7 +46,7 @@ _HOP_BY_HOP = {
 
 @dataclasses.dataclass
 class Fault:
-    kind: str  # "fail", "drop", "redirect" or "stall"
+    kind: str  # "fail", "drop", "redirect", "stall" or "range"
     count: int
     method: str | None = None
     path_contains: str | None = None
@@ -49,6 +54,7 @@ class Fault:
     after: int = 0
     location: str = ""
     release: threading.Event | None = None
+    rewrite: Callable[[str], str | None] | None = None
 
     def matches(self, method: str, path: str) -> bool:
         if self.method and method != self.method:
@@ -118,6 +124,16 @@ class FaultProxy:
     ) -> None:
         with self._lock:
             self._faults.append(Fault("stall", n, method, path_contains, after=after, release=release))
+
+    def rewrite_range_next(
+        self,
+        rewrite: Callable[[str], str | None],
+        n: int = 1,
+        method: str | None = "GET",
+        path_contains: str | None = "/blobs/",
+    ) -> None:
+        with self._lock:
+            self._faults.append(Fault("range", n, method, path_contains, rewrite=rewrite))
 
     def reset(self) -> None:
         with self._lock:
@@ -194,6 +210,12 @@ class FaultProxy:
                     headers = {
                         k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP
                     }
+                    if fault is not None and fault.kind == "range" and fault.rewrite is not None:
+                        seen.fault = "range"
+                        asked = next((k for k in headers if k.lower() == "range"), "")
+                        wanted = fault.rewrite(headers.pop(asked, ""))
+                        if wanted is not None:
+                            headers["Range"] = wanted
                     if body or self.command in ("POST", "PUT", "PATCH"):
                         headers["Content-Length"] = str(len(body))
                     conn.request(self.command, self.path, body=body, headers=headers)

@@ -1,11 +1,13 @@
-"""The chunk fetcher's read-ahead (storage/fetcher.py), against a real naiad image in an OCI layout
-and on a real registry.
+"""The chunk fetcher's read-ahead and multi-range prefetch (storage/fetcher.py), against a real
+naiad image in an OCI layout and on a real registry.
 
 A read that pulls neighbours in by amplification answers with the chunks it asked for; the
 neighbours are decoded, verified and cached after it (on a fetch thread), and one whose bytes
 are wrong is neither cached nor served, without failing the read that brought it. From a
 registry, the reader is answered as soon as its own chunks' bytes are in, before the rest of
-the range; a connection cut after them costs one more request, not the read.
+the range; a connection cut after them costs one more request, not the read. A prefetch asks
+for its scattered ranges of a blob in one request; a registry that answers that otherwise, or
+cuts the answer off, is asked for the missing ranges one by one.
 """
 
 from __future__ import annotations
@@ -191,4 +193,78 @@ def test_close_fails_queued_fetches_and_waits_only_so_long(image, tmp_path: Path
         backend.release.set()
         pool.shutdown()
     assert hashlib.sha256(first.result()[0]).digest() == chunks[0].digest  # under way: it finished
+    cache.close()
+
+
+def _blob_gets(fault_proxy) -> list[tuple[str, str | None]]:
+    """(Range header, fault) of each blob GET the proxy saw."""
+    return [(s.headers.get("range", ""), s.fault) for s in fault_proxy.requests("GET", "/blobs/")]
+
+
+def _range_header(c: Chunk) -> str:
+    return f"bytes={c.offset}-{c.offset + c.csize - 1}"
+
+
+def _assert_cached(cache: ChunkCache, chunks: list[Chunk]) -> None:
+    for c in chunks:
+        assert hashlib.sha256(cache.get(c.digest) or b"").digest() == c.digest, c
+
+
+def test_a_prefetch_of_scattered_chunks_is_one_multi_range_request(
+        on_registry, fault_proxy, tmp_path: Path) -> None:
+    img, chunks, source = on_registry
+    wanted = [chunks[i] for i in (0, 2, 3, 7, 11)]  # four ranges: 2 and 3 are back to back
+    cache = ChunkCache(str(tmp_path / "cache"))
+    fetcher = ChunkFetcher(img.bootstrap, source, cache)
+    assert fetcher.multi_range
+    fetcher.prefetch(wanted)
+    fetcher.close()
+    _assert_cached(cache, wanted)
+    [(asked, fault)] = _blob_gets(fault_proxy)
+    assert asked.count(",") == 3 and fault is None
+    assert (fetcher.stats.requests, fetcher.stats.ranges) == (1, 4)
+    assert not any(cache.contains(c.digest) for c in chunks if c not in wanted)
+    cache.close()
+
+
+@pytest.mark.parametrize("server", ["ignores several ranges", "serves only the first"])
+def test_a_registry_that_does_not_answer_multi_range_requests_gets_one_range_each(
+        on_registry, fault_proxy, tmp_path: Path, server: str) -> None:
+    img, chunks, source = on_registry
+    rewrite = {"ignores several ranges": lambda header: None,  # a 200 with the whole blob
+               "serves only the first": lambda header: _range_header(chunks[0])}[server]
+    fault_proxy.rewrite_range_next(rewrite)
+    cache = ChunkCache(str(tmp_path / "cache"))
+    fetcher = ChunkFetcher(img.bootstrap, source, cache)
+    fetcher.prefetch([chunks[i] for i in (0, 2, 4)])
+    assert not fetcher.multi_range  # not asked that way again
+    fetcher.prefetch([chunks[i] for i in (6, 8)])
+    fetcher.close()
+    _assert_cached(cache, [chunks[i] for i in (0, 2, 4, 6, 8)])
+    gets = _blob_gets(fault_proxy)
+    assert gets[0][1] == "range" and gets[0][0].count(",") == 2
+    # A server that sent the first range has delivered it: only the others are asked again.
+    again = (2, 4) if server == "serves only the first" else (0, 2, 4)
+    assert [h for h, _ in gets[1:]] == [_range_header(chunks[i]) for i in (*again, 6, 8)]
+    assert fetcher.stats.errors == 0
+    cache.close()
+
+
+def test_a_multi_range_answer_cut_off_midway_keeps_its_ranges_and_asks_for_the_rest(
+        on_registry, fault_proxy, tmp_path: Path) -> None:
+    img, chunks, source = on_registry
+    wanted = [chunks[i] for i in (0, 2, 4, 6)]
+    # The connection dies inside the third part (its headers and the first two parts are ~250 B
+    # and 40 KB).
+    fault_proxy.drop_next(after=wanted[0].csize + wanted[1].csize + 1000)
+    cache = ChunkCache(str(tmp_path / "cache"))
+    fetcher = ChunkFetcher(img.bootstrap, source, cache)
+    fetcher.prefetch(wanted)
+    fetcher.close()
+    _assert_cached(cache, wanted)
+    gets = _blob_gets(fault_proxy)
+    assert gets[0][1] == "drop" and gets[0][0].count(",") == 3
+    # The two parts that came are not asked for again; the others are, singly.
+    assert sorted(h for h, _ in gets[1:]) == sorted(_range_header(c) for c in wanted[2:])
+    assert fetcher.multi_range and fetcher.stats.errors == 0
     cache.close()

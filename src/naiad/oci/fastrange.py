@@ -11,6 +11,13 @@ This path handles only the expected answer: 206 with the asked range. Anything
 else (a redirect, a 401, an error status, a dropped connection, a proxy in the
 environment) returns None, and the caller repeats the request on its httpx
 path, which owns redirects, re-authentication, retries and error messages.
+
+It also asks for several ranges of a blob in one request (RFC 9110's
+multipart/byteranges). docker-registry spends ~7 ms of CPU on any range
+request, whatever its size, and 1-1.5 ms per range of a request for ten
+(measured on loopback); a lazy start makes hundreds, on the node's own
+cores when the registry is near. A server that answers such a request with
+anything but a multipart 206 is not asked that way again.
 """
 
 from __future__ import annotations
@@ -19,10 +26,11 @@ import http.client
 import os
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import httpx
 
+MAX_LINE = 1024  # a multipart delimiter or part header line; longer means this is not one
 _PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 
 
@@ -42,6 +50,7 @@ class RangeConnections:
                 self._ssl.verify_mode = ssl.CERT_NONE
         # httpx honours proxy variables; this path does not, so it stands aside when one is set.
         self.enabled = not any(os.environ.get(v) for v in _PROXY_VARIABLES)
+        self.multi = True  # until the server answers a multi-range request some other way
 
     def _connection(self) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
@@ -93,6 +102,48 @@ class RangeConnections:
             self._drop()
         return data[:size]
 
+    def get_many(self, path: str, spans: Sequence[tuple[int, int]], authorization: str | None,
+                 on_span: Callable[[int, bytes], None]) -> set[int]:
+        """Several (offset, size) ranges of the resource at `path`, in one request: each is handed
+        to on_span(its index, its bytes) as soon as it is in. Returns the indexes handed over; the
+        caller reads the others some other way (a server may answer with fewer, or not at all).
+        """
+        done: set[int] = set()
+        if not (self.enabled and self.multi):
+            return done
+        ranges = ",".join(f"{offset}-{offset + size - 1}" for offset, size in spans)
+        headers = {"Range": f"bytes={ranges}", "Accept-Encoding": "identity", "User-Agent": self.user_agent}
+        if authorization:
+            headers["Authorization"] = authorization
+        complete = False
+        try:
+            conn = self._connection()
+            conn.request("GET", path, headers=headers)
+            response = conn.getresponse()
+            if response.status != 206:
+                if 300 <= response.status < 400:
+                    self.enabled = False
+                elif 200 <= response.status < 300:
+                    self.multi = False  # Range ignored: the whole blob follows, left unread
+                return done
+            deliver = _Delivery(spans, on_span, done)
+            if response.msg.get_content_type() == "multipart/byteranges":
+                _read_parts(response, response.msg.get_boundary(), deliver)
+                response.read()  # an epilogue after the closing delimiter, if any
+            else:
+                # One part: the server joined the ranges, or served only the first. Either is
+                # allowed; the second makes asking for several a waste.
+                start, end = _byte_range(response.getheader("content-range"))
+                deliver(start, _read_exactly(response, end - start))
+                self.multi = len(done) == len(spans)
+            complete = not response.will_close
+        except (OSError, http.client.HTTPException, ValueError):
+            pass
+        finally:
+            if not complete:  # an unread body, an error, or on_span's own exception: unusable
+                self._drop()
+        return done
+
     def close(self) -> None:
         """Close the calling thread's connection (others close when their threads end)."""
         self._drop()
@@ -108,6 +159,64 @@ def _read_head_first(response: http.client.HTTPResponse, size: int, head: int,
         on_head(bytes(view[:head]))
         got += _fill(response, view[head:])
     return bytes(view[:got])
+
+
+class _Delivery:
+    """Hands each asked span that a received piece (start, bytes) covers to on_span, once."""
+
+    def __init__(self, spans: Sequence[tuple[int, int]], on_span: Callable[[int, bytes], None],
+                 done: set[int]):
+        self.spans = spans
+        self.on_span = on_span
+        self.done = done
+
+    def __call__(self, start: int, data: bytes) -> None:
+        end = start + len(data)
+        for i, (offset, size) in enumerate(self.spans):
+            if i not in self.done and start <= offset and offset + size <= end:
+                self.done.add(i)
+                self.on_span(i, data[offset - start: offset - start + size])
+
+
+def _read_parts(response: http.client.HTTPResponse, boundary: str | None,
+                deliver: Callable[[int, bytes], None]) -> None:
+    """Read a multipart/byteranges body, handing each part's (start, bytes) to `deliver` as it comes."""
+    if not boundary:
+        raise ValueError("multipart answer without a boundary")
+    delimiter = b"--" + boundary.encode("ascii")
+    while line := response.readline(MAX_LINE):
+        line = line.rstrip(b"\r\n")
+        if line == delimiter + b"--":
+            return
+        if line != delimiter:
+            continue  # the preamble, or the line break that ends a part's bytes
+        content_range = None
+        while header := response.readline(MAX_LINE).rstrip(b"\r\n"):
+            name, _, value = header.partition(b":")
+            if name.strip().lower() == b"content-range":
+                content_range = value.strip().decode("latin-1")
+        start, end = _byte_range(content_range)
+        deliver(start, _read_exactly(response, end - start))
+    raise http.client.IncompleteRead(b"")  # the body ended before the closing delimiter
+
+
+def _byte_range(content_range: str | None) -> tuple[int, int]:
+    """[start, end) of a 'bytes FIRST-LAST/SIZE' Content-Range; ValueError if it is not one."""
+    unit, _, spec = (content_range or "").partition(" ")
+    first, _, rest = spec.partition("-")
+    last = rest.partition("/")[0]
+    if unit != "bytes" or not first.isdigit() or not last.isdigit() or int(last) < int(first):
+        raise ValueError(f"not a byte range: {content_range!r}")
+    return int(first), int(last) + 1
+
+
+def _read_exactly(response: http.client.HTTPResponse, size: int) -> bytes:
+    """The next `size` bytes of the body; IncompleteRead if it ends first."""
+    buf = bytearray(size)
+    got = _fill(response, memoryview(buf))
+    if got != size:
+        raise http.client.IncompleteRead(bytes(buf[:got]), size - got)
+    return bytes(buf)
 
 
 def _fill(response: http.client.HTTPResponse, view: memoryview) -> int:

@@ -11,6 +11,9 @@ verified: they come first in their range, and a backend that can
 has arrived. Concurrent readers of the same chunk share one fetch. Every
 fetched chunk is decoded and checked against its sha256 before it is cached
 or returned; a chunk that fails is neither, and the next read tries again.
+A prefetch (no reader waiting) asks for all its ranges of one blob in one
+request where the backend can (`read_ranges`): a registry's cost is mostly
+per request, not per byte.
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ from naiad.format.bootstrap import Blob, Bootstrap, Chunk
 from naiad.format.chunk import decode_chunk
 from naiad.storage.cache import ChunkCache
 from naiad.storage.link import LinkEstimate
-from naiad.storage.ranges import RangeReader, ReadHeadFirst, contiguous_runs
+from naiad.storage.ranges import MAX_REQUEST, RangeReader, ReadHeadFirst, ReadRanges, contiguous_runs
 
 log = logging.getLogger(__name__)
+
+MAX_RANGES = 32  # ranges in one multi-range request: its Range header stays well under 1 KiB
 
 
 class FetchError(NaiadError):
@@ -44,6 +49,7 @@ class FetchStats:
     bytes_fetched: int = 0
     chunks_fetched: int = 0
     chunks_from_cache: int = 0
+    ranges: int = 0  # byte ranges those requests asked for (several in a multi-range request)
     misses: int = 0  # chunks a reader had to fetch itself
     joined: int = 0  # chunks a reader waited for while another fetch (read-ahead, hints) brought them
     miss_wait: float = 0.0  # seconds readers waited on fetches of their own (summed over readers)
@@ -60,7 +66,7 @@ class FetchStats:
             return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 2) if lat else None
 
         return {
-            "requests": self.requests, "bytes_fetched": self.bytes_fetched,
+            "requests": self.requests, "ranges": self.ranges, "bytes_fetched": self.bytes_fetched,
             "chunks_fetched": self.chunks_fetched, "chunks_from_cache": self.chunks_from_cache,
             "misses": self.misses, "joined": self.joined,
             "miss_wait_s": round(self.miss_wait, 3), "join_wait_s": round(self.join_wait, 3),
@@ -89,10 +95,16 @@ class ChunkFetcher:
         # A backend that hands over the head of a range before its tail has arrived (the registry's,
         # the peer's); others return the whole range, and readers wait for it.
         self._read_head_first: ReadHeadFirst | None = getattr(backend, "read_range_head_first", None)
+        self._read_ranges: ReadRanges | None = getattr(backend, "read_ranges", None)
         # Told the chunks each fetch has just put in the cache (verified, in their blob's own file).
         self.on_cached: Callable[[list[Chunk]], None] | None = None
         # Told the chunks a reader misses, before they are fetched (storage/hints.py).
         self.on_miss: Callable[[list[Chunk]], None] | None = None
+
+    @property
+    def multi_range(self) -> bool:
+        """Whether a prefetch asks for several ranges of a blob in one request."""
+        return self._read_ranges is not None and bool(getattr(self.backend, "multi_range", False))
 
     def read(self, chunks: list[Chunk], *, amplify: bool = True) -> list[bytes]:
         """Uncompressed bytes of each chunk, in order; FetchError if any cannot be had."""
@@ -164,31 +176,35 @@ class ChunkFetcher:
         """
         asked = frozenset(c.digest for c in chunks)
         inline = None
-        for blob, run in self._plan(chunks, amplify):
-            if inline is None and run[-1].digest in asked:
-                inline = (blob, run)
+        for blob, runs in self._plan(chunks, amplify):
+            if inline is None and runs[-1][-1].digest in asked:
+                inline = (blob, runs)
             else:
                 try:
-                    fetch = self._pool.submit(self._fetch_group, blob, run, asked)
+                    fetch = self._pool.submit(self._fetch_group, blob, runs, asked)
                 except RuntimeError:  # close() came first
-                    self._fail(run, FetchError("the fetcher is closed"))
+                    self._fail(_flat(runs), FetchError("the fetcher is closed"))
                     continue
-                fetch.add_done_callback(functools.partial(self._fail_if_cancelled, run))
+                fetch.add_done_callback(functools.partial(self._fail_if_cancelled, _flat(runs)))
         if inline is not None:
             self._fetch_group(*inline, asked)
 
-    def _plan(self, chunks: list[Chunk], amplify: bool) -> list[tuple[Blob, list[Chunk]]]:
-        """Merge chunks into ranges: (blob, the chunks of one contiguous range)."""
+    def _plan(self, chunks: list[Chunk], amplify: bool) -> list[tuple[Blob, list[list[Chunk]]]]:
+        """Merge chunks into requests: (blob, the contiguous ranges of one request, each a list
+        of chunks). A reader's ranges are a request each (it is answered as its own range comes
+        in); a prefetch's ranges of one blob share requests where the backend can."""
         by_blob: dict[int, list[Chunk]] = {}
         for c in chunks:
             by_blob.setdefault(c.blob, []).append(c)
-        groups = []
+        multi = not amplify and self.multi_range
+        requests: list[list[list[Chunk]]] = []
         for blob_id, items in by_blob.items():
             items.sort(key=lambda c: c.offset)
             if amplify:
                 items = self._amplified(blob_id, items)
-            groups.extend(contiguous_runs(items))
-        return [(self.blobs[g[0].blob], g) for g in groups]
+            runs = contiguous_runs(items)
+            requests.extend(_shared_requests(runs) if multi else [[run] for run in runs])
+        return [(self.blobs[runs[0][0].blob], runs) for runs in requests]
 
     def _amplified(self, blob_id: int, items: list[Chunk]) -> list[Chunk]:
         """Add the chunks stored right after the asked ones, up to `amplify` bytes, if not cached."""
@@ -218,17 +234,21 @@ class ChunkFetcher:
                 extra[n.digest] = n
         return sorted([*items, *extra.values()], key=lambda c: c.offset)
 
-    def _fail_if_cancelled(self, run: list[Chunk], fetch: Future[None]) -> None:
+    def _fail_if_cancelled(self, chunks: list[Chunk], fetch: Future[None]) -> None:
         if fetch.cancelled():  # queued when close() came: its readers must not wait forever
-            self._fail(run, FetchError("the fetcher is closed"))
+            self._fail(chunks, FetchError("the fetcher is closed"))
 
-    def _fetch_group(self, blob: Blob, run: list[Chunk], asked: frozenset[bytes]) -> None:
-        """Fetch one range; every chunk of it ends verified in the cache, or failed, never pending."""
+    def _fetch_group(self, blob: Blob, runs: list[list[Chunk]], asked: frozenset[bytes]) -> None:
+        """Fetch one request's ranges; every chunk of them ends verified in the cache, or failed,
+        never pending."""
         try:
-            self._fetch_range(blob, run, asked)
+            if len(runs) == 1:
+                self._fetch_range(blob, runs[0], asked)
+            else:
+                self._fetch_ranges(blob, runs)
         except Exception as e:  # a bug: nobody may wait forever for these chunks
-            log.exception("fetching %d chunks of %s failed", len(run), blob.digest)
-            self._fail(run, e)
+            log.exception("fetching %d ranges of %s failed", len(runs), blob.digest)
+            self._fail(_flat(runs), e)
 
     def _fetch_range(self, blob: Blob, run: list[Chunk], asked: frozenset[bytes]) -> None:
         start = run[0].offset
@@ -239,10 +259,7 @@ class ChunkFetcher:
         head = run[last].offset + run[last].csize - start
         good: list[tuple[Chunk, bytes]] = []
         head_done = False
-        with self._lock:
-            self._active += 1
-            self._started += 1
-            began = (self._active, self._started)
+        began = self._begin()
         t0 = time.monotonic()
 
         def on_head(data: bytes) -> None:
@@ -267,17 +284,58 @@ class ChunkFetcher:
         finally:
             with self._lock:
                 self._active -= 1
-        elapsed = time.monotonic() - t0
-        self._sample(size, elapsed, began)
-        with self._lock:
-            self.stats.requests += 1
-            self.stats.bytes_fetched += size
-            self.stats.latencies.append(elapsed)
-            if len(self.stats.latencies) > 10000:
-                del self.stats.latencies[:5000]
+        self._count(1, 1, size, time.monotonic() - t0, began)
         if not head_done:
             good = self._decode(blob, run[:last + 1], data, start)
         self._land(blob, good + self._decode(blob, run[last + 1:], data, start))
+
+    def _fetch_ranges(self, blob: Blob, runs: list[list[Chunk]]) -> None:
+        """Fetch several ranges of one blob, all of them asked (a prefetch), with one request if
+        the backend manages; each lands as soon as it is in."""
+        assert self._read_ranges is not None
+        spans = [(run[0].offset, run[-1].offset + run[-1].csize - run[0].offset) for run in runs]
+        handed: set[int] = set()
+
+        def on_span(i: int, data: bytes) -> None:
+            handed.add(i)
+            offset, size = spans[i]
+            if len(data) != size:
+                self._fail(runs[i], FetchError(
+                    f"blob {blob.digest}: short read ({len(data)} of {size} bytes at {offset})"))
+            else:
+                self._land(blob, self._decode(blob, runs[i], data, offset))
+
+        began = self._begin()
+        t0 = time.monotonic()
+        try:
+            requests = self._read_ranges(blob.digest, spans, on_span)
+        except Exception as e:
+            self._fail([c for i, run in enumerate(runs) if i not in handed for c in run], e)
+            return
+        finally:
+            with self._lock:
+                self._active -= 1
+        self._count(requests, len(spans), sum(size for _, size in spans), time.monotonic() - t0, began)
+
+    def _begin(self) -> tuple[int, int]:
+        """Count a request as running; (requests running, requests started) with it."""
+        with self._lock:
+            self._active += 1
+            self._started += 1
+            return self._active, self._started
+
+    def _count(self, requests: int, ranges: int, nbytes: int, elapsed: float,
+               began: tuple[int, int]) -> None:
+        """Count what a fetch took, and tell the link estimate if it was one request."""
+        if requests == 1:
+            self._sample(nbytes, elapsed, began)
+        with self._lock:
+            self.stats.requests += requests
+            self.stats.ranges += ranges
+            self.stats.bytes_fetched += nbytes
+            self.stats.latencies.append(elapsed)
+            if len(self.stats.latencies) > 10000:
+                del self.stats.latencies[:5000]
 
     def _sample(self, nbytes: int, seconds: float, began: tuple[int, int]) -> None:
         """Tell the link estimate, if this request was alone on the link so far: nothing else ran
@@ -345,3 +403,22 @@ class ChunkFetcher:
         with self._settled:
             while self._inflight and (left := deadline - time.monotonic()) > 0:
                 self._settled.wait(left)
+
+
+def _shared_requests(runs: list[list[Chunk]]) -> list[list[list[Chunk]]]:
+    """Contiguous runs of one blob (in blob order) grouped into multi-range requests of at most
+    MAX_RANGES ranges and MAX_REQUEST bytes each."""
+    requests: list[list[list[Chunk]]] = []
+    size = 0
+    for run in runs:
+        run_size = run[-1].offset + run[-1].csize - run[0].offset
+        if not requests or len(requests[-1]) == MAX_RANGES or size + run_size > MAX_REQUEST:
+            requests.append([])
+            size = 0
+        requests[-1].append(run)
+        size += run_size
+    return requests
+
+
+def _flat(runs: list[list[Chunk]]) -> list[Chunk]:
+    return [c for run in runs for c in run]

@@ -5,9 +5,10 @@ the app reads next: a Python module's imports, an ELF object's loader tables,
 libraries and initialisers' code. They are fetched, and their own hints in turn, depth first:
 the order an interpreter imports in. The newest miss goes first, since that
 is where the app is now. The walk is taken a batch at a time and cut into
-range requests, which a few threads of this prefetcher fetch at once in walk
-order (the reader wants the batch's first file next, whatever its place in
-the blob), so that readers never queue behind them in the fetcher's pool.
+range requests (one per blob of the batch, where the backend takes several
+ranges in one request), which a few threads of this prefetcher fetch at once
+in walk order (the reader wants the batch's first file next, whatever its place
+in the blob), so that readers never queue behind them in the fetcher's pool.
 Each asks only for chunks that are neither cached nor in flight (a reader
 that wants one meanwhile shares its fetch).
 """
@@ -147,7 +148,8 @@ class HintPrefetcher:
         return gap if fixed is None else min(gap, fixed)
 
     def _spans(self, batch: list[Chunk]) -> list[list[Chunk]]:
-        """The batch as range requests, in walk order: its contiguous runs, joined across short gaps.
+        """The batch as requests, in walk order: its contiguous runs, joined across short gaps;
+        those of one blob make one (multi-range) request if the fetcher's backend can.
 
         A gap is read along only if the image's chunks fill it and none of them is cached: each
         request costs the link's latency, and (docker-registry reads up to 4 MiB of the blob for
@@ -168,7 +170,13 @@ class HintPrefetcher:
             joined.append(c)
         # A batch of small files is tens of runs, in blob order (alphabetical): the reader is
         # after the first file the walk named, not the first in the blob.
-        return sorted(contiguous_runs(joined), key=lambda run: min(walked.get(c.id, len(batch)) for c in run))
+        runs = sorted(contiguous_runs(joined), key=lambda run: min(walked.get(c.id, len(batch)) for c in run))
+        if not self.fetcher.multi_range:
+            return runs
+        by_blob: dict[int, list[Chunk]] = {}  # in the order of each blob's first run
+        for run in runs:
+            by_blob.setdefault(run[0].blob, []).extend(run)
+        return list(by_blob.values())
 
     def _filler(self, blob: int, start: int, stop: int) -> list[Chunk]:
         """The chunks stored back to back in [start, stop) of `blob`, none cached; else none."""

@@ -20,7 +20,9 @@ class RangeReader(Protocol):
 
     A backend whose bytes come over a network may also offer `read_range_head_first`
     (a ReadHeadFirst): the same read, which hands the range's first `head` bytes to
-    `on_head` as soon as they have arrived, before the rest has.
+    `on_head` as soon as they have arrived, before the rest has. One that can ask
+    for several ranges of a blob in one request offers `read_ranges` (a
+    ReadRanges) and says in `multi_range` whether it currently does.
     """
 
     def read_range(self, digest: str, offset: int, size: int) -> bytes: ...
@@ -30,6 +32,10 @@ class RangeReader(Protocol):
 # at most once, from the reading thread; if it is not (a retried request), the caller has only the
 # whole range, once it is in.
 ReadHeadFirst = Callable[[str, int, int, int, Callable[[bytes], None]], bytes]
+
+# read_ranges(digest, [(offset, size), ...], on_span) -> how many requests it took. Each range is
+# handed to on_span(its index, its bytes) as it comes in, from the reading thread.
+ReadRanges = Callable[[str, Sequence[tuple[int, int]], Callable[[int, bytes], None]], int]
 
 
 class Stored(Protocol):
