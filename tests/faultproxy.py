@@ -11,13 +11,16 @@ Faults are armed from the test and consumed by the requests that match them:
 - `stall_next(after, release)`: the next matching response sends `after` bytes
   of its body, then nothing more until the event `release` is set (a slow
   link, frozen at a point the test chooses);
+- `hang_up_next()`: the next matching response is sent whole, then the
+  connection is closed without a `Connection: close` (a server's idle timeout);
 - `rewrite_range_next(rewrite)`: the next matching request reaches the
   registry with its `Range` header replaced by `rewrite(header)`, or without
   one if that is None (a server that ignores several ranges, or serves only
   the first).
 
 Every request is recorded (method, path, request headers, status, fault), so
-tests can check what the client sent, e.g. `Range` after a drop. The Host
+tests can check what the client sent, e.g. `Range` after a drop; `connections`
+counts the connections clients opened. The Host
 header is passed through, so the registry's Location URLs point at the proxy.
 """
 
@@ -46,7 +49,7 @@ _HOP_BY_HOP = {
 
 @dataclasses.dataclass
 class Fault:
-    kind: str  # "fail", "drop", "redirect", "stall" or "range"
+    kind: str  # "fail", "drop", "redirect", "stall", "range" or "hangup"
     count: int
     method: str | None = None
     path_contains: str | None = None
@@ -79,6 +82,7 @@ class FaultProxy:
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
         self.seen: list[Seen] = []
+        self.connections = 0
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
@@ -125,6 +129,11 @@ class FaultProxy:
         with self._lock:
             self._faults.append(Fault("stall", n, method, path_contains, after=after, release=release))
 
+    def hang_up_next(self, n: int = 1, method: str | None = "GET",
+                     path_contains: str | None = "/blobs/") -> None:
+        with self._lock:
+            self._faults.append(Fault("hangup", n, method, path_contains))
+
     def rewrite_range_next(
         self,
         rewrite: Callable[[str], str | None],
@@ -166,6 +175,11 @@ class FaultProxy:
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                with proxy._lock:
+                    proxy.connections += 1
 
             def _read_body(self) -> bytes:
                 if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -253,6 +267,9 @@ class FaultProxy:
                         return
                     while piece := response.read(1 << 16):
                         self.wfile.write(piece)
+                    if fault is not None and fault.kind == "hangup":
+                        seen.fault = "hangup"
+                        self.close_connection = True
                 finally:
                     conn.close()
 

@@ -15,9 +15,11 @@ import os
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 from faultproxy import FaultProxy
 from registry_server import RegistryServer, TestTokenIssuer, TokenRegistry, docker_config
@@ -27,6 +29,7 @@ from naiad.oci import auth
 from naiad.oci import mediatypes as mt
 from naiad.oci import registry as registry_mod
 from naiad.oci.digest import HashingReader, sha256_digest
+from naiad.oci.fastrange import RangeConnections
 from naiad.oci.image import Descriptor, RegistryOptions, resolve_image, source_for, target_for
 from naiad.oci.reference import parse_reference
 from naiad.oci.registry import RegistryClient, RegistrySource, RegistryTarget
@@ -643,3 +646,47 @@ def test_redirect_does_not_forward_credentials(auth_registry_basic: RegistryServ
     assert len(storage.headers) == 2
     assert all("authorization" not in h for h in storage.headers)
     assert storage.headers[1]["range"] == "bytes=5-14"
+
+
+def _pushed(registry: RegistryServer, size: int) -> tuple[bytes, str]:
+    """A blob of `size` random bytes on `registry`: its bytes and its request path."""
+    repo = _repo()
+    data, desc = _blob(size)
+    with _target(registry.host, repo) as target:
+        target.put_blob_bytes(data, desc)
+    return data, f"/v2/{repo}/blobs/{desc.digest}"
+
+
+def test_range_reads_of_many_threads_share_the_connections_opened_before(
+        registry: RegistryServer, fault_proxy: FaultProxy) -> None:
+    data, path = _pushed(registry, 100_000)
+    ranges = RangeConnections(httpx.URL(fault_proxy.url), True, 10.0, "naiad-test")
+    ranges.prewarm(2)
+    deadline = time.monotonic() + 5
+    while fault_proxy.connections < 2 and time.monotonic() < deadline:  # accepted on its own thread
+        time.sleep(0.01)
+    assert fault_proxy.connections == 2
+    one_at_a_time = threading.Lock()
+
+    def read(i: int) -> bytes | None:
+        with one_at_a_time:
+            return ranges.get(path, i * 1000, 1000, None)
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(read, range(16)))
+    assert got == [data[i * 1000:(i + 1) * 1000] for i in range(16)]
+    assert fault_proxy.connections == 2  # not one per thread
+    ranges.close()
+
+
+def test_a_pooled_connection_the_server_closed_is_replaced_on_the_fast_path(
+        registry: RegistryServer, fault_proxy: FaultProxy) -> None:
+    data, path = _pushed(registry, 10_000)
+    ranges = RangeConnections(httpx.URL(fault_proxy.url), True, 10.0, "naiad-test")
+    fault_proxy.hang_up_next()  # as a server's idle timeout would, after this answer
+    assert ranges.get(path, 0, 100, None) == data[:100]
+    time.sleep(0.1)
+    # None would send the caller to its slow path: the fast one takes a new connection instead.
+    assert ranges.get(path, 100, 100, None) == data[100:200]
+    assert fault_proxy.connections == 2
+    ranges.close()

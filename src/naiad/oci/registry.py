@@ -534,6 +534,10 @@ class RegistryClient:
                 response.close()
         raise AssertionError("unreachable")
 
+    def prewarm(self, n: int) -> None:
+        """Open `n` connections for range reads now, while the link is idle (RangeConnections)."""
+        self._ranges.prewarm(n)
+
     @property
     def multi_range(self) -> bool:
         """Whether `read_ranges` asks for several ranges in one request (until the registry
@@ -876,6 +880,9 @@ class RegistrySource:
     def read_range_head_first(self, digest: str, offset: int, size: int, head: int,
                               on_head: Callable[[bytes], None]) -> bytes:
         return self.client.read_range(self.repo, digest, offset, size, (head, on_head))
+
+    def prewarm(self, n: int) -> None:
+        self.client.prewarm(n)
 
     @property
     def multi_range(self) -> bool:

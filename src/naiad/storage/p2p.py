@@ -59,6 +59,9 @@ class PeerSource:
                               on_head: Callable[[bytes], None]) -> bytes:
         return self._mirror.read_range(self.repo, digest, offset, size, (head, on_head))
 
+    def prewarm(self, n: int) -> None:
+        self._mirror.prewarm(n)
+
     def get_manifest(self, reference: str) -> tuple[bytes, str]:
         return self.inner.get_manifest(reference)
 
