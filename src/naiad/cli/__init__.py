@@ -399,6 +399,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     lines = [
         f"{state['ref']} at {state['mountpoint']} (pid {state['pid']})",
         f"fetched        {_human(stats['bytes_fetched'])} in {stats['requests']} requests "
+        f"for {stats.get('ranges', stats['requests'])} ranges "
         f"({stats['chunks_fetched']} chunks, {stats['errors']} errors)",
         f"from cache     {stats['chunks_from_cache']} chunks; readers missed {stats.get('misses', '?')}, "
         f"joined {stats.get('joined', '?')} in flight",
