@@ -690,3 +690,58 @@ def test_a_pooled_connection_the_server_closed_is_replaced_on_the_fast_path(
     assert ranges.get(path, 100, 100, None) == data[100:200]
     assert fault_proxy.connections == 2
     ranges.close()
+
+
+class _MultipartServer:
+    """A fake blob server (docker-registry cannot be made to send these) answering every GET with
+    one canned multipart/byteranges body over the bytes of `data`: `parts` are (first, last)
+    pairs, `claimed` overrides the Content-Range a part states."""
+
+    def __init__(self, data: bytes, parts: list[tuple[int, int]], claimed: dict[int, str] | None = None):
+        boundary = "naiad-test-boundary"
+        body = b""
+        for i, (first, last) in enumerate(parts):
+            stated = (claimed or {}).get(i, f"bytes {first}-{last}/{len(data)}")
+            body += (f"\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\n"
+                     f"Content-Range: {stated}\r\n\r\n").encode() + data[first:last + 1]
+        body += f"\r\n--{boundary}--\r\n".encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self.send_response(206)
+                self.send_header("Content-Type", f"multipart/byteranges; boundary={boundary}")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_multipart_answers_joined_parts_count_and_oversized_ones_are_refused() -> None:
+    data = os.urandom(50_000)
+    spans = [(100, 50), (200, 50), (30_000, 10)]
+    # A server may join ranges that are close into one part: each range it covers is handed over.
+    server = _MultipartServer(data, [(100, 249), (30_000, 30_009)])
+    ranges = RangeConnections(httpx.URL(server.url), True, 10.0, "naiad-test")
+    got: dict[int, bytes] = {}
+    assert ranges.get_many("/blob", spans, None, got.__setitem__) == {0, 1, 2}
+    assert got == {i: data[o:o + n] for i, (o, n) in enumerate(spans)}
+    server.close()
+    # A part that claims more bytes than the ranges asked for span is not read (nor allocated).
+    server = _MultipartServer(data, [(100, 149)], claimed={0: f"bytes 0-{1 << 40}/{1 << 41}"})
+    ranges = RangeConnections(httpx.URL(server.url), True, 10.0, "naiad-test")
+    got.clear()
+    assert ranges.get_many("/blob", spans, None, got.__setitem__) == set()
+    assert got == {}
+    server.close()

@@ -196,11 +196,13 @@ class RangeConnections:
             deliver = _Delivery(spans, on_span, done)
             if response.msg.get_content_type() == "multipart/byteranges":
                 _read_parts(response, response.msg.get_boundary(), deliver)
-                response.read()  # an epilogue after the closing delimiter, if any
+                if (response.length or 0) > MAX_LINE:
+                    raise ValueError("more than an epilogue after the closing delimiter")
+                response.read()  # an epilogue, if any
             else:
                 # One part: the server joined the ranges, or served only the first. Either is
                 # allowed; the second makes asking for several a waste.
-                start, end = _byte_range(response.getheader("content-range"))
+                start, end = deliver.bounded(_byte_range(response.getheader("content-range")))
                 deliver(start, _read_exactly(response, end - start))
                 self.multi = len(done) == len(spans)
             complete = not response.will_close
@@ -242,6 +244,16 @@ class _Delivery:
         self.spans = spans
         self.on_span = on_span
         self.done = done
+        # No useful piece is longer than all that was asked, first byte to last.
+        self.extent = max(o + s for o, s in spans) - min(o for o, _ in spans)
+
+    def bounded(self, piece: tuple[int, int]) -> tuple[int, int]:
+        """A piece's [start, end), if it is no longer than the request could use; else ValueError
+        (its bytes are not read: a server must not make this allocate what it likes)."""
+        start, end = piece
+        if end - start > self.extent:
+            raise ValueError(f"a part of {end - start} bytes answers ranges spanning {self.extent}")
+        return piece
 
     def __call__(self, start: int, data: bytes) -> None:
         end = start + len(data)
@@ -251,8 +263,7 @@ class _Delivery:
                 self.on_span(i, data[offset - start: offset - start + size])
 
 
-def _read_parts(response: http.client.HTTPResponse, boundary: str | None,
-                deliver: Callable[[int, bytes], None]) -> None:
+def _read_parts(response: http.client.HTTPResponse, boundary: str | None, deliver: _Delivery) -> None:
     """Read a multipart/byteranges body, handing each part's (start, bytes) to `deliver` as it comes."""
     if not boundary:
         raise ValueError("multipart answer without a boundary")
@@ -268,7 +279,7 @@ def _read_parts(response: http.client.HTTPResponse, boundary: str | None,
             name, _, value = header.partition(b":")
             if name.strip().lower() == b"content-range":
                 content_range = value.strip().decode("latin-1")
-        start, end = _byte_range(content_range)
+        start, end = deliver.bounded(_byte_range(content_range))
         deliver(start, _read_exactly(response, end - start))
     raise http.client.IncompleteRead(b"")  # the body ended before the closing delimiter
 
