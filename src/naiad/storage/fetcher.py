@@ -192,17 +192,24 @@ class ChunkFetcher:
     def _plan(self, chunks: list[Chunk], amplify: bool) -> list[tuple[Blob, list[list[Chunk]]]]:
         """Merge chunks into requests: (blob, the contiguous ranges of one request, each a list
         of chunks). A reader's ranges are a request each (it is answered as its own range comes
-        in); a prefetch's ranges of one blob share requests where the backend can."""
+        in); a prefetch's ranges of one blob share requests where the backend can, in the order
+        of `chunks` (the hints' walk, the prefetch list's order: what is wanted first comes
+        first, wherever it is in the blob; at 100 Mbit/s, torchapp's start took 8.3-9.6 s
+        against 8.8-9.7 s in blob order, 4 alternating runs each; unshaped 4.6-4.7 s against
+        4.3-4.6 s, 2 runs each, within the machine's noise)."""
         by_blob: dict[int, list[Chunk]] = {}
         for c in chunks:
             by_blob.setdefault(c.blob, []).append(c)
         multi = not amplify and self.multi_range
+        asked = {c.id: i for i, c in enumerate(chunks)}
         requests: list[list[list[Chunk]]] = []
         for blob_id, items in by_blob.items():
             items.sort(key=lambda c: c.offset)
             if amplify:
                 items = self._amplified(blob_id, items)
             runs = contiguous_runs(items)
+            if multi:
+                runs.sort(key=lambda run: min(asked.get(c.id, len(asked)) for c in run))
             requests.extend(_shared_requests(runs) if multi else [[run] for run in runs])
         return [(self.blobs[runs[0][0].blob], runs) for runs in requests]
 
@@ -406,7 +413,7 @@ class ChunkFetcher:
 
 
 def _shared_requests(runs: list[list[Chunk]]) -> list[list[list[Chunk]]]:
-    """Contiguous runs of one blob (in blob order) grouped into multi-range requests of at most
+    """Contiguous runs of one blob grouped, in their order, into multi-range requests of at most
     MAX_RANGES ranges and MAX_REQUEST bytes each."""
     requests: list[list[list[Chunk]]] = []
     size = 0
