@@ -596,7 +596,20 @@ def test_blob_stream_that_keeps_dropping_gives_up(fault_proxy: FaultProxy) -> No
     assert "connection dropped at byte 0" in str(e.value)
 
 
-class _StaticBlobServer:
+class _FakeServer:
+    """A plain HTTP server on 127.0.0.1, for answers docker-registry cannot be made to give."""
+
+    def _serve(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class _StaticBlobServer(_FakeServer):
     """Stands in for object storage behind a redirect; records the headers it got."""
 
     def __init__(self, data: bytes):
@@ -614,13 +627,7 @@ class _StaticBlobServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._serve(Handler)
 
 
 def test_redirect_does_not_forward_credentials(auth_registry_basic: RegistryServer) -> None:
@@ -692,7 +699,7 @@ def test_a_pooled_connection_the_server_closed_is_replaced_on_the_fast_path(
     ranges.close()
 
 
-class _MultipartServer:
+class _MultipartServer(_FakeServer):
     """A fake blob server (docker-registry cannot be made to send these) answering every GET with
     one canned multipart/byteranges body over the bytes of `data`: `parts` are (first, last)
     pairs, `claimed` overrides the Content-Range a part states."""
@@ -719,13 +726,7 @@ class _MultipartServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._serve(Handler)
 
 
 def test_multipart_answers_joined_parts_count_and_oversized_ones_are_refused() -> None:
@@ -737,11 +738,11 @@ def test_multipart_answers_joined_parts_count_and_oversized_ones_are_refused() -
     got: dict[int, bytes] = {}
     assert ranges.get_many("/blob", spans, None, got.__setitem__) == {0, 1, 2}
     assert got == {i: data[o:o + n] for i, (o, n) in enumerate(spans)}
-    server.close()
+    server.stop()
     # A part that claims more bytes than the ranges asked for span is not read (nor allocated).
     server = _MultipartServer(data, [(100, 149)], claimed={0: f"bytes 0-{1 << 40}/{1 << 41}"})
     ranges = RangeConnections(httpx.URL(server.url), True, 10.0, "naiad-test")
     got.clear()
     assert ranges.get_many("/blob", spans, None, got.__setitem__) == set()
     assert got == {}
-    server.close()
+    server.stop()

@@ -109,27 +109,29 @@ class RangeConnections:
                 return  # the reads will say what is wrong
             self._give(conn)
 
-    def _exchange(self, headers: dict[str, str], path: str
-                  ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        """Send a GET on a pooled connection and read the answer's head. A pooled connection the
-        server closed while it was idle fails at once: the request goes again on a new one."""
-        conn = self._pooled()
-        if conn is not None:
+    def _exchange(self, path: str, ranges: str, authorization: str | None
+                  ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse] | None:
+        """Send a GET of `ranges` ("FIRST-LAST,...") on a pooled connection and read the answer's
+        head; None if that fails. A pooled connection the server closed while it was idle fails
+        at once: the request goes again on a new one."""
+        headers = {"Range": f"bytes={ranges}", "Accept-Encoding": "identity", "User-Agent": self.user_agent}
+        if authorization:
+            headers["Authorization"] = authorization
+        for conn in (self._pooled(), self._new()):
+            if conn is None:
+                continue
             try:
                 conn.request("GET", path, headers=headers)
                 return conn, conn.getresponse()
             except ConnectionError:
                 conn.close()
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                return None
             except BaseException:
                 conn.close()
                 raise
-        conn = self._new()
-        try:
-            conn.request("GET", path, headers=headers)
-            return conn, conn.getresponse()
-        except BaseException:
-            conn.close()
-            raise
+        return None
 
     def get(self, path: str, offset: int, size: int, authorization: str | None,
             head: tuple[int, Callable[[bytes], None]] | None = None) -> bytes | None:
@@ -137,16 +139,10 @@ class RangeConnections:
 
         With `head` (n, on_head): on_head gets the first n bytes as soon as they are in.
         """
-        if not self.enabled:
+        if not self.enabled or (sent := self._exchange(path, f"{offset}-{offset + size - 1}",
+                                                       authorization)) is None:
             return None
-        headers = {"Range": f"bytes={offset}-{offset + size - 1}", "Accept-Encoding": "identity",
-                   "User-Agent": self.user_agent}
-        if authorization:
-            headers["Authorization"] = authorization
-        try:
-            conn, response = self._exchange(headers, path)
-        except (OSError, http.client.HTTPException):
-            return None
+        conn, response = sent
         kept = False
         try:
             wanted = response.status == 206 and (response.getheader("content-range") or "").startswith(
@@ -175,16 +171,10 @@ class RangeConnections:
         caller reads the others some other way (a server may answer with fewer, or not at all).
         """
         done: set[int] = set()
-        if not (self.enabled and self.multi):
-            return done
         ranges = ",".join(f"{offset}-{offset + size - 1}" for offset, size in spans)
-        headers = {"Range": f"bytes={ranges}", "Accept-Encoding": "identity", "User-Agent": self.user_agent}
-        if authorization:
-            headers["Authorization"] = authorization
-        try:
-            conn, response = self._exchange(headers, path)
-        except (OSError, http.client.HTTPException):
+        if not (self.enabled and self.multi) or (sent := self._exchange(path, ranges, authorization)) is None:
             return done
+        conn, response = sent
         complete = False
         try:
             if response.status != 206:
