@@ -729,7 +729,7 @@ class _MultipartServer(_FakeServer):
         self._serve(Handler)
 
 
-def test_multipart_answers_joined_parts_count_and_oversized_ones_are_refused() -> None:
+def test_multipart_answers_joined_parts_the_receivers_errors_and_oversized_parts() -> None:
     data = os.urandom(50_000)
     spans = [(100, 50), (200, 50), (30_000, 10)]
     # A server may join ranges that are close into one part: each range it covers is handed over.
@@ -738,6 +738,13 @@ def test_multipart_answers_joined_parts_count_and_oversized_ones_are_refused() -
     got: dict[int, bytes] = {}
     assert ranges.get_many("/blob", spans, None, got.__setitem__) == {0, 1, 2}
     assert got == {i: data[o:o + n] for i, (o, n) in enumerate(spans)}
+    # The receiver's own error is its caller's to see, not taken for the server's.
+
+    def refuse(i: int, data: bytes) -> None:
+        raise ValueError("the receiver's own")
+
+    with pytest.raises(ValueError, match="receiver's own"):
+        ranges.get_many("/blob", spans, None, refuse)
     server.stop()
     # A part that claims more bytes than the ranges asked for span is not read (nor allocated).
     server = _MultipartServer(data, [(100, 149)], claimed={0: f"bytes 0-{1 << 40}/{1 << 41}"})

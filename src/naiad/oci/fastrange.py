@@ -196,6 +196,8 @@ class RangeConnections:
                 deliver(start, _read_exactly(response, end - start))
                 self.multi = len(done) == len(spans)
             complete = not response.will_close
+        except _Handover as e:
+            raise e.error from None  # the caller's own, not the server's: not a reason to read singly
         except (OSError, http.client.HTTPException, ValueError):
             pass
         finally:
@@ -250,7 +252,18 @@ class _Delivery:
         for i, (offset, size) in enumerate(self.spans):
             if i not in self.done and start <= offset and offset + size <= end:
                 self.done.add(i)
-                self.on_span(i, data[offset - start: offset - start + size])
+                try:
+                    self.on_span(i, data[offset - start: offset - start + size])
+                except Exception as e:
+                    raise _Handover(e) from e
+
+
+class _Handover(Exception):
+    """on_span's own exception, carried past the handling of the server's errors."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
 
 
 def _read_parts(response: http.client.HTTPResponse, boundary: str | None, deliver: _Delivery) -> None:
