@@ -43,10 +43,11 @@ class RangeConnections:
 
     A thread takes an idle connection (the one used last) or opens one, and puts
     it back after a clean answer. Connections per thread, as this was before, made
-    each of the mount's 32 FUSE threads open its own at its first miss, while the
-    hints' prefetch had the link full: at 100 Mbit/s, torchapp's misses waited
-    0.2-0.5 s each for such a handshake through the full queue (28 connections
-    opened during one start).
+    each of the mount's 32 FUSE threads open its own at its first miss, mostly
+    while the hints' prefetch had the link full (28 connections in one start of
+    torchapp). Pooled and opened before the app starts: unshaped, 4.40-4.87 s to
+    ready against 4.64-5.13 s (3 alternating runs); at 100 Mbit/s no measurable
+    change, the misses' waits there being the full queue's, not the handshakes'.
     """
 
     def __init__(self, base_url: httpx.URL, tls_verify: bool, timeout: float, user_agent: str):
@@ -94,8 +95,8 @@ class RangeConnections:
             conn.close()
 
     def prewarm(self, n: int) -> None:
-        """Open connections until `n` are idle in the pool, before the reads that need them: one
-        opened while the link is full waits for its handshake behind the queue."""
+        """Open connections until `n` are idle in the pool, before the reads that need them (a
+        handshake made then waits for no one's data)."""
         if not self.enabled:
             return
         with self._lock:
@@ -117,21 +118,21 @@ class RangeConnections:
         headers = {"Range": f"bytes={ranges}", "Accept-Encoding": "identity", "User-Agent": self.user_agent}
         if authorization:
             headers["Authorization"] = authorization
-        for conn in (self._pooled(), self._new()):
-            if conn is None:
-                continue
+        conn = self._pooled()
+        while True:
+            fresh = conn is None
+            conn = conn or self._new()
             try:
                 conn.request("GET", path, headers=headers)
                 return conn, conn.getresponse()
-            except ConnectionError:
+            except (OSError, http.client.HTTPException) as e:
                 conn.close()
-            except (OSError, http.client.HTTPException):
-                conn.close()
-                return None
+                if fresh or not isinstance(e, ConnectionError):
+                    return None
+                conn = None
             except BaseException:
                 conn.close()
                 raise
-        return None
 
     def get(self, path: str, offset: int, size: int, authorization: str | None,
             head: tuple[int, Callable[[bytes], None]] | None = None) -> bytes | None:

@@ -201,7 +201,7 @@ class ChunkFetcher:
         for c in chunks:
             by_blob.setdefault(c.blob, []).append(c)
         multi = not amplify and self.multi_range
-        asked = {c.id: i for i, c in enumerate(chunks)}
+        asked = {c.id: i for i, c in enumerate(chunks)} if multi else {}
         requests: list[list[list[Chunk]]] = []
         for blob_id, items in by_blob.items():
             items.sort(key=lambda c: c.offset)
