@@ -101,6 +101,7 @@ from tests.containerd_server import PROXY_PLUGIN, Containerd
 READY_TIMEOUT = 900.0  # seconds from a method's start to its ready line
 AFTER_READY_TIMEOUT = 60.0  # how long the app may keep running after its ready line
 STATS_SETTLE = 1.2  # naiad mount daemons refresh stats.json every second
+SNAPSHOTTER_MOUNTD_WAIT = 5.0  # s, for the snapshotter's mountd to listen
 SNAPSHOTTER_START_TIMEOUT = 30.0  # seconds for `naiad snapshotter` to make its socket
 
 METHODS = ("oci", "naiad-containerd", "naiad-lazy", "naiad-nohints", "naiad-mountd", "naiad-mount",
@@ -495,6 +496,11 @@ def naiad_snapshotter(the_lab: Lab, work: Path) -> Iterator[str]:
                 tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-10:])
                 raise BenchError(f"`naiad snapshotter` made no socket {sock} (exit status {proc.poll()}): "
                                  f"{tail}")
+            time.sleep(0.05)
+        # Its mountd too (it forks the mount daemons), as on a node where the snapshotter ran
+        # before the pull; a naiad that starts none (older, or --no-mountd) gets a few seconds.
+        deadline = time.monotonic() + SNAPSHOTTER_MOUNTD_WAIT
+        while not (home / "mountd.sock").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         yield str(sock)
     finally:

@@ -102,3 +102,40 @@ def test_without_a_serving_mountd_daemons_start_as_before(node: Node, small_imag
         node.umount(mnt)
     finally:
         again.stop()
+
+
+def test_a_companion_mountd_ends_with_its_parent_and_defers_to_a_running_one(node: Node) -> None:
+    """What the snapshotter does: start a mountd of its own unless one serves NAIAD_HOME already;
+    that mountd ends with it, even on kill -9."""
+    node.home.mkdir(parents=True, exist_ok=True)
+    sock = node.home / "mountd.sock"
+    env = {**os.environ, "NAIAD_HOME": str(node.home)}
+    script = ("import time; from naiad.fs import mountd; p = mountd.start_companion(); "
+              "print(p.pid if p else 0, flush=True); time.sleep(120)")
+
+    def parent() -> tuple[subprocess.Popen[str], int]:
+        proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        return proc, int(proc.stdout.readline())
+
+    first, companion = parent()
+    second = None
+    try:
+        assert companion and _ppid(companion) == first.pid
+        deadline = time.monotonic() + 30
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # bound, then listening
+        second, none = parent()
+        assert none == 0  # the first one's serves NAIAD_HOME
+        first.kill()
+        first.wait()
+        deadline = time.monotonic() + 10
+        while pid_alive(companion) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not pid_alive(companion) and not sock.exists()
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -8,6 +8,7 @@ private containerd that uses it, and a NAIAD_HOME, all undone afterwards.
 from __future__ import annotations
 
 import contextlib
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -68,6 +69,7 @@ def running_node(base: Path, **kw: Any) -> Iterator[Node]:
     finally:
         n.close()
     assert lazy_mounts(n.root) == [] and daemons_of(n.home) == []
+    assert not (n.home / "mountd.sock").exists()  # the snapshotter's mountd stopped with it
 
 
 @pytest.fixture
@@ -80,6 +82,24 @@ def _blob_gets(proxy: FaultProxy, digests: list[str]) -> list[tuple[str, str | N
     """(digest, Range header) of every GET of these blobs since the proxy was reset."""
     return [(d, s.headers.get("Range") or s.headers.get("range"))
             for s in proxy.requests("GET", "/blobs/") for d in digests if s.path.endswith(d)]
+
+
+def _mountd_answers(home: Path, timeout: float = 30.0) -> bool:
+    """Whether the snapshotter's `naiad mountd` listens on NAIAD_HOME's socket (within `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+            try:
+                probe.connect(str(home / "mountd.sock"))
+                return True
+            except OSError:
+                time.sleep(0.05)
+    return False
+
+
+def _forked_by_mountd(pid: int) -> bool:
+    """A daemon mountd forked has mountd's command line; one started anew, `naiad mount ...`."""
+    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[2:4] == [b"naiad", b"mountd"]
 
 
 def _lazy_keys(node: Node) -> list[str]:
@@ -105,10 +125,13 @@ def test_plain_oci_image_pull_and_run(images, node: Node):
 def test_naiad_image_is_pulled_without_its_data(images, node: Node):
     proxy, _, naiad, data_blobs, bootstrap = images
     proxy.reset()
+    assert _mountd_answers(node.home)  # started by the snapshotter
     node.rpull(naiad)
     assert _blob_gets(proxy, data_blobs) == []  # neither containerd nor the snapshotter fetched data
     assert [r for _, r in _blob_gets(proxy, [bootstrap])] == [None]  # the bootstrap, once
     assert len(lazy_mounts(node.root)) == 1 and len(daemons_of(node.home)) == 1
+    [daemon] = daemons_of(node.home)
+    assert _forked_by_mountd(daemon)  # its code was loaded before the pull: it mounts sooner
 
     assert node.run(naiad, "app-1") == HELLO
     assert node.run(naiad, "app-2", *SLOW_READER) == "".join(app_file(i) for i in range(APP_FILES))
@@ -129,6 +152,11 @@ def test_kill9_snapshotter_while_a_container_reads(images, node: Node):
         first = reader.stdout.readline()  # the container runs and reads
         node.snapshotter.kill9()
         rest, err = reader.communicate(timeout=120)
+        # The snapshotter's mountd ended with it (its daemons go on: this one serves the reader).
+        deadline = time.monotonic() + 10
+        while (node.home / "mountd.sock").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not (node.home / "mountd.sock").exists()
     finally:
         if reader.poll() is None:
             reader.kill()

@@ -33,7 +33,7 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
     registry = RegistryOptions(plain_http=True if args.plain_http else None, creds=creds,
                                tls_verify=not args.insecure_skip_tls_verify)
     run(args.address, args.root, registry, frozenset(args.insecure_registry), Platform.parse(args.platform),
-        prefetch_all=args.prefetch_all)
+        prefetch_all=args.prefetch_all, with_mountd=not args.no_mountd)
     return 0
 
 
@@ -56,6 +56,10 @@ def add_parsers(sub: Any, parents: Any) -> None:
                    help="talk plain HTTP to this registry (repeatable); --plain-http does it for all")
     p.add_argument("--prefetch-all", action="store_true",
                    help="lazy mounts fetch every chunk in the background after the prefetch list")
+    p.add_argument("--no-mountd", action="store_true",
+                   help="start each image's mount daemon as a new process, instead of forking it from "
+                   "a `naiad mountd` the snapshotter starts (unless one serves NAIAD_HOME already) "
+                   "and stops with it")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     p.add_argument("--print-config", action="store_true",
                    help="print the containerd config.toml lines that register this snapshotter, and exit")

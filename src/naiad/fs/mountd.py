@@ -10,6 +10,11 @@ outlives mountd, and `naiad umount` stops it like any other. Without mountd
 (no socket, nobody answering, or another user's or namespace's), daemons
 are started as before.
 
+A long-lived caller (the containerd snapshotter) starts one of its own with
+`start_companion()`, unless one answers already: it ends with its parent
+(PR_SET_PDEATHSIG), so a restarted snapshotter, after an upgrade say, forks
+from its own code.
+
 Only the user mountd runs as may ask (SO_PEERCRED), and only from mountd's
 own mount and network namespaces: a daemon mounts, and reaches registries,
 from mountd's. mountd answers one request at a time and has no thread, so
@@ -19,12 +24,14 @@ upgrade.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import json
 import os
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import traceback
@@ -35,6 +42,7 @@ from naiad.paths import naiad_home
 
 _REQUEST_MAX = 1 << 20  # argv and environment, JSON
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
+_PR_SET_PDEATHSIG = 1
 
 
 def socket_path() -> str:
@@ -66,6 +74,45 @@ def fork_daemon(argv: list[str], notify_fd: int, log_fd: int) -> int | None:
         except (OSError, ValueError, KeyError, TypeError) as e:
             # It may have forked a daemon for this mount point: starting another would race it.
             raise NaiadError(f"naiad mountd ({path}) took the request but did not answer: {e}") from None
+
+
+def start_companion() -> subprocess.Popen[bytes] | None:
+    """Start `naiad mountd` as a child that ends with this process, unless a mountd answers on
+    this NAIAD_HOME's socket already (a service of its own): None then. Call it before starting
+    threads (it forks). Its output goes where this process's goes; the caller need not wait for
+    it: until it listens, daemons start as new processes."""
+    if _answers(socket_path()):
+        return None
+    parent = os.getpid()
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def end_with_parent() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # it ended before the prctl
+            os._exit(0)
+
+    return subprocess.Popen([sys.executable, "-m", "naiad", "mountd"], stdin=subprocess.DEVNULL,
+                            preexec_fn=end_with_parent)
+
+
+def stop_companion(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """Stop a mountd start_companion() started; the daemons it forked go on."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _answers(path: str) -> bool:
+    """Whether something listens on the socket at `path`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
 
 
 def _same_namespaces(pid: int) -> bool:
@@ -123,13 +170,9 @@ def _stop(signum: int, _frame: Any) -> None:
 
 def _claim_stale(path: str) -> None:
     """Remove a socket nobody listens on; refuse to take over one that a mountd serves."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)
-            return
-    raise NaiadError(f"a naiad mountd already serves {path}")
+    if _answers(path):
+        raise NaiadError(f"a naiad mountd already serves {path}")
+    os.unlink(path)
 
 
 def _answer(conn: socket.socket, listener: socket.socket) -> None:

@@ -24,6 +24,7 @@ import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 
 from naiad.errors import NaiadError
+from naiad.fs import mountd
 from naiad.oci.image import Platform, RegistryOptions
 from naiad.snapshotter import snapshots as sn
 from naiad.snapshotter.api import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
@@ -184,12 +185,22 @@ def serve(snapshotter: sn.Snapshotter, address: str) -> None:
 
 
 def run(address: str, root: str, registry: RegistryOptions, insecure_hosts: frozenset[str],
-        platform: Platform, prefetch_all: bool = False) -> None:
-    """Open (or recover) the snapshotter at `root` and serve it on `address` until signalled."""
-    resolver = Resolver(registry, insecure_hosts, platform)
-    snapshotter = sn.Snapshotter(root, resolver, prefetch_all=prefetch_all)
+        platform: Platform, prefetch_all: bool = False, with_mountd: bool = True) -> None:
+    """Open (or recover) the snapshotter at `root` and serve it on `address` until signalled.
+
+    `with_mountd`: start a `naiad mountd` of its own (fs/mountd.py, unless one serves this
+    NAIAD_HOME already), so that every image's mount daemon is forked with its code loaded:
+    a container's start waits for that daemon.
+    """
+    companion = mountd.start_companion() if with_mountd else None  # first: it forks
     try:
-        snapshotter.recover()
-        serve(snapshotter, address)
+        resolver = Resolver(registry, insecure_hosts, platform)
+        snapshotter = sn.Snapshotter(root, resolver, prefetch_all=prefetch_all)
+        try:
+            snapshotter.recover()
+            serve(snapshotter, address)
+        finally:
+            snapshotter.close()
     finally:
-        snapshotter.close()
+        if companion is not None:
+            mountd.stop_companion(companion)
