@@ -39,6 +39,7 @@ from test_mount import Node, naiad, ok, publish, wait_for
 from test_optimize import bootstrap_of
 
 from naiad.builder.hints import CODE_GRAIN, Process
+from naiad.builder.nodehints import load_time_requires
 from naiad.format.bootstrap import Bootstrap
 from naiad.format.pathwalk import follow
 from naiad.format.stats import bootstrap_stats
@@ -157,6 +158,86 @@ def test_python_hints_follow_top_level_imports(tmp_path: Path) -> None:
     never = {f"/app/pkg/{n}.py" for n in ("lazy", "typed", "script", "in_class")}
     for targets in hints.values():
         assert not {t for t, _, _ in targets} & never
+
+
+def test_node_requires_that_run_at_load_are_found_past_strings_comments_and_functions() -> None:
+    source = rb"""'use strict';
+// require('commented')
+/* require('block-comment') */
+var a = require('a'), b = require("./b");
+const s = "require('in-a-string')";
+const re = /require\('in-a-regex'\)[/]/g;
+const t = `require('in-a-template') ${x}`;
+if (x) { require('if-block'); } else { require('else-block') }
+try { require('try-block') } catch (e) { require('catch-block') }
+function f() { require('in-a-function') }
+const g = () => { require('in-an-arrow') };
+const h = async (x) => { require('in-an-async-arrow') };
+obj = { m() { require('in-a-method') }, k: require('object-value') };
+(function () { require('iife') })();
+!function () { require('bang-iife') }();
+(() => { require('arrow-iife') })();
+app.get('/', function (req, res) { require('in-a-callback') });
+class C { method(a) { require('in-a-class-method') } }
+module.exports = function () { require('exported-function') };
+var y = a / b; require('after-a-division');
+"""
+    assert load_time_requires(source) == [
+        b"a", b"./b", b"if-block", b"else-block", b"try-block", b"catch-block", b"object-value",
+        b"iife", b"bang-iife", b"arrow-iife", b"after-a-division"]
+
+
+def test_node_hints_resolve_requires_as_node_does(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    write(tree, "app/main.js", "\n".join([
+        "const express = require('express');",  # a global folder, package.json main
+        "const util = require('./util');",  # relative, .js added
+        "const local = require('local-pkg');",  # node_modules beside the app, index.js
+        "const sub = require('@scope/pkg/sub');",  # Debian's arch folder, exports' require condition
+        "const fs = require('fs'), path = require('node:path');",  # built-ins: no files
+        "const gone = require('missing');",
+        "const data = require('./data.json');",
+        "const addon = require('./addon.node');",  # native: its header, the loader does the rest
+        "function later() { return require('lazy-pkg'); }",
+    ]))
+    write(tree, "app/util.js", "module.exports = 'util';\n")
+    write(tree, "app/data.json", '{"data": 1}\n')
+    write(tree, "app/addon.node", b"\x7fELF not really")
+    write(tree, "app/node_modules/local-pkg/index.js", "module.exports = 'local';\n")
+    write(tree, "app/node_modules/lazy-pkg/index.js", "module.exports = 'lazy';\n")
+    write(tree, "usr/share/nodejs/fs/index.js", "module.exports = 'not the built-in';\n")
+    express = "usr/share/nodejs/express"
+    write(tree, f"{express}/package.json", json.dumps({"name": "express", "main": "lib/express.js"}))
+    write(tree, f"{express}/lib/express.js", "var router = require('./router');\n")
+    write(tree, f"{express}/lib/router/index.js", "module.exports = {};\n")
+    scoped = "usr/lib/x86_64-linux-gnu/nodejs/@scope/pkg"
+    write(tree, f"{scoped}/package.json", json.dumps({"name": "@scope/pkg", "exports": {
+        ".": "./main.js", "./sub": {"import": "./esm/sub.mjs", "require": "./cjs/sub.js"}}}))
+    write(tree, f"{scoped}/cjs/sub.js", "module.exports = 'sub';\n")
+    write(tree, f"{scoped}/esm/sub.mjs", "export default 'sub';\n")
+    write(tree, f"{scoped}/sub.js", "module.exports = 'not exported';\n")
+    write(tree, "usr/share/nodejs/unused/index.js", "require('./x');\n")  # no app loads it
+    write(tree, "usr/share/nodejs/unused/x.js", "module.exports = 'x';\n")
+    hints = hints_by_path(build(tmp_path, tree))
+    assert hints["/app/main.js"] == [
+        (f"/{express}/package.json", 0, -1), (f"/{express}/lib/express.js", 0, -1),
+        ("/app/util.js", 0, -1),
+        ("/app/node_modules/local-pkg/index.js", 0, -1),
+        (f"/{scoped}/package.json", 0, -1), (f"/{scoped}/cjs/sub.js", 0, -1),
+        ("/app/data.json", 0, -1),
+        ("/app/addon.node", 0, 1),
+    ]
+    assert hints[f"/{express}/lib/express.js"] == [(f"/{express}/lib/router/index.js", 0, -1)]
+    assert hints["/usr/share/nodejs/unused/index.js"] == [("/usr/share/nodejs/unused/x.js", 0, -1)]
+    # With the image's `node main.js` known, only what it loads is scanned: the same hints for it.
+    config = write(tmp_path, "config.json", json.dumps({"config": {
+        "Entrypoint": ["/usr/bin/node"], "Cmd": ["main.js"], "WorkingDir": "/app"}}))
+    home, target = tmp_path / "home2", f"oci:{tmp_path / 'layout2'}:v1"
+    ok(naiad(home, "build", tree, target, "--config", config))
+    from_entry = hints_by_path(bootstrap_of(home, target))
+    assert from_entry["/app/main.js"] == hints["/app/main.js"]
+    assert from_entry[f"/{express}/lib/express.js"] == hints[f"/{express}/lib/express.js"]
+    assert "/usr/share/nodejs/unused/index.js" not in from_entry
 
 
 def test_entry_points_of_a_site_directory_lead_one_to_the_next(tmp_path: Path) -> None:

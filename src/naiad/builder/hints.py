@@ -38,6 +38,7 @@ import struct
 from collections.abc import Callable, Iterator, Sequence
 
 from naiad.builder import elfcode
+from naiad.builder.nodehints import NodeModules, entry_script, is_script
 from naiad.builder.placement import HEADER_SIZE, checked_hash, source_of_bytecode
 from naiad.builder.tree import Node
 from naiad.format.pathwalk import follow
@@ -113,6 +114,8 @@ def access_hints(root: Node, order: Sequence[tuple[bytes, Node, Node]], read: Re
     """The hints of the tree at `root`, whose canonical walk is `order` (path, parent, node), by trigger;
     `process`: what the image's config runs."""
     image = _Image(root, order, read)
+    node_path = process.env.get(b"NODE_PATH", b"").split(b":") if process is not None else []
+    node_modules = NodeModules(image.file, image.is_dir, read, [d for d in node_path if d])
     hints: list[Hint] = []
     entry_points: dict[bytes, list[tuple[bytes, Node]]] = {}  # site directory -> its distributions' files
     for path, _parent, node in order:
@@ -145,6 +148,12 @@ def access_hints(root: Node, order: Sequence[tuple[bytes, Node, Node]], read: Re
         hints.extend((a, b, 0, -1) for (_, a), (_, b) in itertools.pairwise(files))
     if process is not None:
         hints.extend(image.entry_hints(process))
+    # Node: the modules the image's `node SCRIPT` loads, found from the script down (an image's
+    # node_modules hold many a module its app never loads, and scanning is the costly part); with
+    # no such entry, every script's.
+    entry = entry_script(process.argv, process.cwd) if process is not None else None
+    hints.extend(node_modules.hints([entry] if entry else
+                                    [path for path, _, node in order if is_script(path) and node.chunks]))
     return hints
 
 
@@ -191,7 +200,7 @@ class _Image:
             self._nodes[path] = follow(path, self.root, _child, _link)
         return self._nodes[path]
 
-    def _file(self, path: bytes) -> Node | None:
+    def file(self, path: bytes) -> Node | None:
         node = self.node(path)
         return node if node is not None and stat.S_ISREG(node.mode) else None
 
@@ -199,7 +208,7 @@ class _Image:
 
     def python_hints(self, path: bytes) -> list[tuple[Node, int, int]]:
         """What importing the module at `path` reads next: the imports it runs, in order."""
-        node = self._file(path)
+        node = self.file(path)
         source = self.read(node, 0, node.size) if node is not None and node.size <= MAX_SOURCE else None
         if not source:
             return []
@@ -257,7 +266,7 @@ class _Image:
             for part in parts:
                 hit = self._find_module(d, part)
                 if hit is None:
-                    if self._is_dir(d + b"/" + part):  # a namespace package: no file of its own
+                    if self.is_dir(d + b"/" + part):  # a namespace package: no file of its own
                         d = d + b"/" + part
                         continue
                     break
@@ -272,13 +281,13 @@ class _Image:
     def _find_module(self, directory: bytes, name: bytes) -> bytes | None:
         """The file that makes `name` importable from `directory`, as CPython's finder orders them."""
         init = directory + b"/" + name + b"/__init__.py"
-        if self._file(init) is not None:
+        if self.file(init) is not None:
             return init
         for n in self._extension_modules(directory).get(name, ()):
-            if self._file(directory + b"/" + n) is not None:
+            if self.file(directory + b"/" + n) is not None:
                 return directory + b"/" + n
         plain = directory + b"/" + name + b".py"
-        return plain if self._file(plain) is not None else None
+        return plain if self.file(plain) is not None else None
 
     def _extension_modules(self, directory: bytes) -> dict[bytes, list[bytes]]:
         """Extension modules in `directory` by module name (name.TAG.so, name.abi3.so, name.so)."""
@@ -304,16 +313,16 @@ class _Image:
         if _FROZEN_STDLIB.fullmatch(module_file):
             return
         if module_file.endswith(b".so"):
-            node = self._file(module_file)
+            node = self.file(module_file)
             if node is not None:
                 yield node, 1  # its first chunk; its own hints are the loader's tables
             return
-        bytecode = [self._file(p) for p in self.bytecode_paths(module_file)]
+        bytecode = [self.file(p) for p in self.bytecode_paths(module_file)]
         bytecode = [b for b in bytecode if b is not None]
         yield from ((b, -1) for b in bytecode)
         # Timestamp bytecode is all an import reads; checked-hash bytecode (and none) reads the source.
         if not bytecode or any(checked_hash(self.read(b, 0, HEADER_SIZE)) for b in bytecode):
-            node = self._file(module_file)
+            node = self.file(module_file)
             if node is not None:
                 yield node, -1
 
@@ -329,18 +338,18 @@ class _Image:
         return self._bytecode[cache_dir].get(source, [])
 
     def bytecode_of(self, source: bytes) -> list[Node]:
-        return [n for p in self.bytecode_paths(source) if (n := self._file(p)) is not None]
+        return [n for p in self.bytecode_paths(source) if (n := self.file(p)) is not None]
 
     def _root_of(self, path: bytes) -> bytes:
         """The sys.path entry `path` was imported from: above its outermost package."""
         start = d = posixpath.dirname(path)
         if start not in self._roots_of:
-            while d and self._file(d + b"/__init__.py") is not None:
+            while d and self.file(d + b"/__init__.py") is not None:
                 d = posixpath.dirname(d)
             self._roots_of[start] = d
         return self._roots_of[start]
 
-    def _is_dir(self, path: bytes) -> bool:
+    def is_dir(self, path: bytes) -> bool:
         node = self.node(path)
         return node is not None and node.is_dir
 
@@ -368,7 +377,7 @@ class _Image:
         imports before the script (_STARTUP_MODULES)."""
         m = _CPYTHON.fullmatch(path)
         stdlib = m[1] + b"/lib/python3." + m[2] if m else b""
-        if m is None or not self._is_dir(stdlib):
+        if m is None or not self.is_dir(stdlib):
             return []
         names = (b"python3." + m[2], b"python3", b"python")
         venvs = [(d, cfg) for d, cfg, home in self.venvs
@@ -380,13 +389,13 @@ class _Image:
         # The C library's files it reads first: the locale PEP 538 coerces the C locale to (unless
         # Env names another, which entry_hints adds), the converters that locale loads, and the
         # time zone (`time` sets it at import).
-        for f in (self._ctype(b"C.UTF-8"), self._gconv_cache(), self._file(b"/etc/localtime")):
+        for f in (self._ctype(b"C.UTF-8"), self._gconv_cache(), self.file(b"/etc/localtime")):
             if f is not None and f.chunks and all(f is not g for g in files):
                 files.append(f)
         for d in site_dirs:
             dnode = self.node(d)
             for n in sorted(dnode.children) if dnode is not None and dnode.children is not None else ():
-                if n.endswith(b".pth") and (f := self._file(d + b"/" + n)) is not None:
+                if n.endswith(b".pth") and (f := self.file(d + b"/" + n)) is not None:
                     files.append(f)
         out = [(f, 0, -1) for f in files]
         for module in _STARTUP_MODULES:
@@ -399,14 +408,14 @@ class _Image:
         usr_lib = self.node(b"/usr/lib")
         dirs = [b"/usr/lib/" + n for n in sorted(usr_lib.children or {})] if usr_lib is not None else []
         return next((f for d in [*dirs, b"/usr/lib", b"/usr/lib64"]
-                     if (f := self._file(d + b"/gconv/gconv-modules.cache")) is not None), None)
+                     if (f := self.file(d + b"/gconv/gconv-modules.cache")) is not None), None)
 
     def _ctype(self, locale: bytes) -> Node | None:
         """The LC_CTYPE file of `locale`, as glibc looks for it: the name as given, then with its
         codeset normalised (UTF-8: utf8)."""
         lang, dot, codeset = locale.partition(b".")
         normal = lang + dot + bytes(c for c in codeset.lower() if chr(c).isalnum()) if dot else locale
-        files = (self._file(b"/usr/lib/locale/" + n + b"/LC_CTYPE") for n in dict.fromkeys((locale, normal)))
+        files = (self.file(b"/usr/lib/locale/" + n + b"/LC_CTYPE") for n in dict.fromkeys((locale, normal)))
         return next((f for f in files if f is not None and f.chunks), None)
 
     def entry_hints(self, process: Process) -> list[Hint]:
@@ -418,13 +427,13 @@ class _Image:
             candidates = [name if name.startswith(b"/") else process.cwd + b"/" + name]
         else:
             candidates = [d + b"/" + name for d in process.env.get(b"PATH", DEFAULT_PATH).split(b":") if d]
-        program = next((f for c in candidates if (f := self._file(c)) is not None and f.mode & 0o111), None)
+        program = next((f for c in candidates if (f := self.file(c)) is not None and f.mode & 0o111), None)
         if program is None or not program.chunks:
             return []
         out: list[Hint] = []
         for arg in process.argv[1:]:
             path = arg if arg.startswith(b"/") else process.cwd + b"/" + arg
-            f = None if arg.startswith(b"-") else self._file(path)
+            f = None if arg.startswith(b"-") else self.file(path)
             if f is not None and f.chunks and f is not program:
                 out.append((program, f, 0, -1 if f.size <= MAX_SOURCE else 1))
         env = process.env
@@ -439,7 +448,7 @@ class _Image:
         runpath = self._runpath(path, elf)
         if all(b"/" in name or self._library(path, name, runpath) for name in elf.needed):
             return None
-        return self._file(b"/etc/ld.so.cache")
+        return self.file(b"/etc/ld.so.cache")
 
     def _runpath(self, path: bytes, elf: _Elf) -> list[bytes]:
         origin = posixpath.dirname(path)
@@ -448,7 +457,7 @@ class _Image:
     def _library(self, path: bytes, name: bytes, dirs: list[bytes]) -> Node | None:
         origin = posixpath.dirname(path)
         for candidate in [name] if b"/" in name else [d + b"/" + name for d in dirs]:
-            lib = self._file(candidate if candidate.startswith(b"/") else origin + b"/" + candidate)
+            lib = self.file(candidate if candidate.startswith(b"/") else origin + b"/" + candidate)
             if lib is not None:
                 return lib
         return None
@@ -460,7 +469,7 @@ class _Image:
             dirs: list[bytes] = []
             conf = self.node(b"/etc/ld.so.conf.d")
             for name in sorted(conf.children) if conf is not None and conf.children is not None else []:
-                f = self._file(b"/etc/ld.so.conf.d/" + name)
+                f = self.file(b"/etc/ld.so.conf.d/" + name)
                 text = self.read(f, 0, min(f.size, 65536)) if f and name.endswith(b".conf") else None
                 dirs += [ln.strip() for ln in (text or b"").splitlines() if ln.strip().startswith(b"/")]
             for base in (b"/lib", b"/usr/lib"):
