@@ -185,6 +185,10 @@ var y = a / b; require('after-a-division');
     assert load_time_requires(source) == [
         b"a", b"./b", b"if-block", b"else-block", b"try-block", b"catch-block", b"object-value",
         b"iife", b"bang-iife", b"arrow-iife", b"after-a-division"]
+    # Whatever a file holds, the scan ends: unterminated literals, stray braces, binary, deep nesting.
+    for junk in (b"require('a", b"/* require('b')", b"`${require('c')", b"}}}{{{ require('d')",
+                 os.urandom(4096), b"`${" * 5000 + b"require('e')"):
+        assert isinstance(load_time_requires(junk), list)
 
 
 def test_node_hints_resolve_requires_as_node_does(tmp_path: Path) -> None:

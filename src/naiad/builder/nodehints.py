@@ -67,7 +67,11 @@ def entry_script(argv: list[bytes], cwd: bytes) -> bytes | None:
 
 def load_time_requires(source: bytes) -> list[bytes]:
     """The string specifiers of the `require(...)` calls in `source` that run when it is loaded."""
-    return [m[2] for m in _REQUIRE.finditer(_load_time_code(source))]
+    try:
+        code = _load_time_code(source)
+    except RecursionError:  # template literals nested deeper than Python's stack: no hints
+        return []
+    return [m[2] for m in _REQUIRE.finditer(code)]
 
 
 def _load_time_code(source: bytes) -> bytes:
