@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -22,6 +23,19 @@ from test_mount import Node, mounted, one_line_error
 from naiad.fs.daemon import pid_alive
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="kernel-mode mounts need root")
+
+
+def mountd_answers(home: Path, timeout: float = 30.0) -> bool:
+    """Whether a `naiad mountd` listens on NAIAD_HOME's socket (within `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+            try:
+                probe.connect(str(home / "mountd.sock"))
+                return True
+            except OSError:
+                time.sleep(0.05)
+    return False
 
 
 def _ppid(pid: int) -> int:
@@ -122,10 +136,7 @@ def test_a_companion_mountd_ends_with_its_parent_and_defers_to_a_running_one(nod
     second = None
     try:
         assert companion and _ppid(companion) == first.pid
-        deadline = time.monotonic() + 30
-        while not sock.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.2)  # bound, then listening
+        assert mountd_answers(node.home)
         second, none = parent()
         assert none == 0  # the first one's serves NAIAD_HOME
         first.kill()

@@ -8,7 +8,6 @@ private containerd that uses it, and a NAIAD_HOME, all undone afterwards.
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from snapshotter_helpers import (
     make_images,
     skip_unless_possible,
 )
+from test_mountd import mountd_answers
 
 from naiad.snapshotter.store import Store
 
@@ -84,19 +84,6 @@ def _blob_gets(proxy: FaultProxy, digests: list[str]) -> list[tuple[str, str | N
             for s in proxy.requests("GET", "/blobs/") for d in digests if s.path.endswith(d)]
 
 
-def _mountd_answers(home: Path, timeout: float = 30.0) -> bool:
-    """Whether the snapshotter's `naiad mountd` listens on NAIAD_HOME's socket (within `timeout`)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
-            try:
-                probe.connect(str(home / "mountd.sock"))
-                return True
-            except OSError:
-                time.sleep(0.05)
-    return False
-
-
 def _forked_by_mountd(pid: int) -> bool:
     """A daemon mountd forked has mountd's command line; one started anew, `naiad mount ...`."""
     return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[2:4] == [b"naiad", b"mountd"]
@@ -125,7 +112,7 @@ def test_plain_oci_image_pull_and_run(images, node: Node):
 def test_naiad_image_is_pulled_without_its_data(images, node: Node):
     proxy, _, naiad, data_blobs, bootstrap = images
     proxy.reset()
-    assert _mountd_answers(node.home)  # started by the snapshotter
+    assert mountd_answers(node.home)  # started by the snapshotter
     node.rpull(naiad)
     assert _blob_gets(proxy, data_blobs) == []  # neither containerd nor the snapshotter fetched data
     assert [r for _, r in _blob_gets(proxy, [bootstrap])] == [None]  # the bootstrap, once

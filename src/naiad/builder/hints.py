@@ -114,8 +114,6 @@ def access_hints(root: Node, order: Sequence[tuple[bytes, Node, Node]], read: Re
     """The hints of the tree at `root`, whose canonical walk is `order` (path, parent, node), by trigger;
     `process`: what the image's config runs."""
     image = _Image(root, order, read)
-    node_path = process.env.get(b"NODE_PATH", b"").split(b":") if process is not None else []
-    node_modules = NodeModules(image.file, image.is_dir, read, [d for d in node_path if d])
     hints: list[Hint] = []
     entry_points: dict[bytes, list[tuple[bytes, Node]]] = {}  # site directory -> its distributions' files
     for path, _parent, node in order:
@@ -151,6 +149,8 @@ def access_hints(root: Node, order: Sequence[tuple[bytes, Node, Node]], read: Re
     # Node: the modules the image's `node SCRIPT` loads, found from the script down (an image's
     # node_modules hold many a module its app never loads, and scanning is the costly part); with
     # no such entry, every script's.
+    node_path = process.env.get(b"NODE_PATH", b"").split(b":") if process is not None else []
+    node_modules = NodeModules(image.file, image.is_dir, read, [d for d in node_path if d])
     entry = entry_script(process.argv, process.cwd) if process is not None else None
     hints.extend(node_modules.hints([entry] if entry else
                                     [path for path, _, node in order if is_script(path) and node.chunks]))

@@ -102,14 +102,13 @@ def _load_time_code(source: bytes) -> bytes:
             out[j:end] = b" " * (end - j)
         elif c == 0x2F:  # /
             nxt = source[j + 1:j + 2]
-            prev = _significant_end(out, j)
             if nxt == b"/":
                 end = source.find(b"\n", j)
                 end = n if end < 0 else end
             elif nxt == b"*":
                 end = source.find(b"*/", j + 2)
                 end = n if end < 0 else end + 2
-            elif _regex_may_start(out, prev):
+            elif _regex_may_start(out, _significant_end(out, j)):
                 end = _REGEX.match(source, j).end()
             else:
                 end = j + 1  # a division
