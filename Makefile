@@ -5,9 +5,12 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test lint bench deps
 
+# Bytecode compiled, as a wheel's install does: where none is written (PYTHONDONTWRITEBYTECODE),
+# every naiad process would compile its modules again.
 $(BIN)/naiad: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/python -m compileall -q src
 	touch $@
 
 deps:

@@ -53,6 +53,7 @@ from registry_server import RegistryServer
 from treecmp import compare_trees, umoci_unpack
 
 from naiad.format.bootstrap import Bootstrap
+from naiad.fs import daemon
 from naiad.fs.kernel import erofs_available
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -627,6 +628,26 @@ def test_mount_is_usable_when_the_command_returns(small_image, node: Node) -> No
     assert state["mountpoint"] == str(mnt) and pid_alive(state["pid"])
     text = ok(node.naiad("stats", mnt)).stdout
     assert "fetched" in text and "prefetch" in text
+    # The command forked its daemon rather than start an interpreter: the daemon has the
+    # command's command line, a session of its own, and started.json names it.
+    pid = state["pid"]
+    assert b"--foreground" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert os.getsid(pid) == pid
+    assert node.state(mnt, "started.json")["pid"] == pid
+
+
+def test_the_started_daemon_is_never_a_reused_pid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NAIAD_HOME", str(tmp_path))
+    mnt = str(tmp_path / "mnt")
+    started = Path(daemon.state_dir(mnt), daemon.STARTED)
+    started.parent.mkdir(parents=True)
+    me = os.getpid()
+    daemon.write_json(str(started), {"pid": me, "start": daemon.process_start(me)})
+    assert daemon.started_daemon(mnt) == me
+    daemon.write_json(str(started), {"pid": me, "start": "1"})  # a process that had this pid before
+    assert daemon.started_daemon(mnt) is None
+    started.write_text("{")
+    assert daemon.started_daemon(mnt) is None
 
 
 def test_mount_refuses_bad_mount_points(small_image, node: Node) -> None:

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from naiad.errors import NaiadError
+from naiad.fs.daemon import pid_alive
 from naiad.runtime.spec import (
     DEFAULT_CAPABILITIES,
     DEFAULT_PATH,
@@ -214,15 +216,18 @@ def _mounts_under(path: Path) -> list[str]:
     return [p for p in points if p.startswith(str(path) + "/")]
 
 
-def _daemons_under(path: Path) -> list[int]:
+def _daemons_under(home: Path) -> list[int]:
+    """Live processes started for NAIAD_HOME `home`, by their environment (a mount daemon that
+    `naiad run` forked has run's command line)."""
+    needle = f"NAIAD_HOME={home}".encode()
     pids = []
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
+        if entry.isdigit() and pid_alive(int(entry)):
             try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+                env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"--foreground" in cmdline and str(path).encode() in cmdline:
+            if needle in env:
                 pids.append(int(entry))
     return pids
 
@@ -362,6 +367,30 @@ def test_a_killed_run_is_cleaned_up_by_the_next(image, home):
     assert _mounts_under(home) and _containers(home)
     done = naiad(home, "run", image, "--", "true")
     assert done.returncode == 0, done.stderr
+    assert_clean(home)
+
+
+def test_a_run_killed_while_its_daemon_comes_up_is_cleaned_up_by_the_next(image, home):
+    # The run's daemon waits on a registry that never answers; the run is killed. The daemon was
+    # forked from the run (it has run's command line): the next run finds it by the pid its state
+    # dir records, and stops it.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(WAIT)
+        proc = subprocess.Popen([sys.executable, "-m", "naiad", "run", "--plain-http",
+                                 f"127.0.0.1:{silent.getsockname()[1]}/app:v1", "--", "true"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(home))
+        conn, _ = silent.accept()  # the daemon asks for the manifest, and gets no answer
+        with conn:
+            proc.kill()
+            proc.wait(WAIT)
+            [started] = home.glob("mounts/*/started.json")
+            daemon_pid = json.loads(started.read_text())["pid"]
+            assert pid_alive(daemon_pid)
+            done = naiad(home, "run", image, "--", "true")
+            assert done.returncode == 0, done.stderr
+            assert not pid_alive(daemon_pid)
     assert_clean(home)
 
 

@@ -369,7 +369,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
                     os.write(args.notify_fd, f"error: {e}\n".encode())
             raise
         return 0
-    pid = daemon.spawn(args.argv_for_daemon, args.mountpoint)
+    pid = daemon.spawn(args.argv_for_daemon, args.mountpoint, fork=True)
     print(f"{args.ref} mounted at {args.mountpoint} (pid {pid})", file=sys.stderr)
     return 0
 

@@ -4,8 +4,10 @@
 outlives the command that started it, and later the snapshotter) and waits
 until the filesystem is up or reports why not; `start()` returns at once
 with the daemon's pid, and `wait()` waits later. A running `naiad mountd`
-(fs/mountd.py) forks the daemon, its code already imported. The daemon writes
-`image-config.json` (the image's OCI config, for `naiad run`) and
+(fs/mountd.py) forks the daemon, its code already imported; else a
+single-threaded command forks it from itself, else it is a new interpreter.
+`started.json` records its pid at once (a forked daemon's command line is
+its starter's). The daemon writes `image-config.json` (the image's OCI config, for `naiad run`) and
 `state.json` (pid, ref, mountpoint), refreshes `stats.json` every second,
 and writes `trace.json` (files in first-read order) when it stops. SIGTERM
 and SIGINT unmount cleanly. In kernel mode (`state.json` says `"mode":
@@ -17,6 +19,7 @@ stops the daemon, which unmounts blobfs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -26,7 +29,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from naiad.errors import NaiadError
@@ -36,6 +41,7 @@ from naiad.paths import naiad_home
 log = logging.getLogger(__name__)
 READY_TIMEOUT = 300.0
 IMAGE_CONFIG = "image-config.json"  # in the state dir: the mounted image's OCI config, before "ready"
+STARTED = "started.json"  # in the state dir: the daemon's pid and start time, as soon as it has one
 
 
 def state_dir(mountpoint: str) -> str:
@@ -91,9 +97,9 @@ def is_mounted(path: str) -> bool:
 class Starting:
     """A mount daemon on its way up. `wait()` returns its pid once it is mounted."""
 
-    def __init__(self, pid: int, proc: subprocess.Popen[bytes] | None, pipe: int, log_path: str):
-        # `proc` if this process started it; a daemon forked by mountd is not our child.
-        self.pid, self._proc, self._pipe, self.log_path = pid, proc, pipe, log_path
+    def __init__(self, pid: int, pipe: int, log_path: str, reap: Callable[[], int] | None):
+        # `reap` waits for the daemon's exit status if it is this process's child (not mountd's).
+        self.pid, self._pipe, self.log_path, self._reap = pid, pipe, log_path, reap
 
     def wait(self, timeout: float = READY_TIMEOUT) -> int:
         """Wait until the daemon is mounted (its pid) or has failed (NaiadError: its reason)."""
@@ -111,40 +117,77 @@ class Starting:
             os.kill(self.pid, signal.SIGTERM)
         message = buf.decode(errors="replace").strip().removeprefix("error: ")
         if not message:
-            status = f"status {self._proc.wait()}" if self._proc is not None else "forked by mountd"
+            status = f"status {self._reap()}" if self._reap is not None else "forked by mountd"
             message = f"mount daemon exited ({status}); see {self.log_path}"
         raise NaiadError(message)
 
 
-def start(argv: list[str], mountpoint: str) -> Starting:
+def start(argv: list[str], mountpoint: str, *, fork: bool = False) -> Starting:
     """Start `naiad mount --foreground` ARGV as a daemon, and return at once: its pid is known
-    before it is up (a caller interrupted while it comes up can stop it). A running `naiad mountd`
-    forks it (fs/mountd.py), else it is a new process."""
-    os.makedirs(state_dir(mountpoint), exist_ok=True)
-    log_path = os.path.join(state_dir(mountpoint), "daemon.log")
+    before it is up (a caller interrupted while it comes up can stop it).
+
+    A running `naiad mountd` forks it (fs/mountd.py). Else, with `fork`, this process forks it,
+    if it runs one thread: a command like `naiad run` or `naiad mount`, whose interpreter and
+    imports the daemon then need not start again (0.1 s of a cold start). Else it is a new process.
+    """
+    state = state_dir(mountpoint)
+    os.makedirs(state, exist_ok=True)
+    log_path = os.path.join(state, "daemon.log")
     r, w = os.pipe()
     try:
         with open(log_path, "ab") as logf:
             pid = mountd.fork_daemon(argv, w, logf.fileno())
-            proc = None
+            reap: Callable[[], int] | None = None
+            if pid is None and fork and threading.active_count() == 1:
+                pid = mountd.fork_mount_daemon(argv, w, logf.fileno())
+                reap = functools.partial(_reap, pid)
             if pid is None:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "naiad", "mount", "--foreground", "--notify-fd", str(w), *argv],
                     stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
                     start_new_session=True,
                 )
-                pid = proc.pid
+                pid, reap = proc.pid, proc.wait
+        # Who to stop should the starter die before the daemon is up: forked, it has the starter's
+        # command line, not its own.
+        write_json(os.path.join(state, STARTED), {"pid": pid, "start": process_start(pid)})
     except BaseException:
         os.close(r)
         raise
     finally:
         os.close(w)
-    return Starting(pid, proc, r, log_path)
+    return Starting(pid, r, log_path, reap)
 
 
-def spawn(argv: list[str], mountpoint: str, timeout: float = READY_TIMEOUT) -> int:
+def _reap(pid: int) -> int:
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def started_daemon(mountpoint: str) -> int | None:
+    """The pid of the daemon start() started for `mountpoint`, if it still runs."""
+    try:
+        with open(os.path.join(state_dir(mountpoint), STARTED)) as f:
+            started = json.load(f)
+        pid = int(started["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    # A pid is reused once its process is gone; the start time tells the two apart.
+    return pid if pid_alive(pid) and process_start(pid) == started.get("start") else None
+
+
+def process_start(pid: int) -> str | None:
+    """The start time of `pid` in clock ticks since boot, to tell a live process from a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data.rpartition(")")[2].split()[19]
+
+
+def spawn(argv: list[str], mountpoint: str, timeout: float = READY_TIMEOUT, *, fork: bool = False) -> int:
     """Start `naiad mount --foreground` ARGV as a daemon; wait until it is mounted. Returns its pid."""
-    return start(argv, mountpoint).wait(timeout)
+    return start(argv, mountpoint, fork=fork).wait(timeout)
 
 
 def umount(mountpoint: str, timeout: float = 30.0) -> None:

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from naiad.errors import NaiadError
@@ -198,6 +199,28 @@ def _fork(request: dict, notify_fd: int, log_fd: int, sockets: list[socket.socke
     argv = [str(a) for a in request["argv"]]
     env = {str(k): str(v) for k, v in request["env"].items()}
     cwd, umask = str(request["cwd"]), int(request["umask"])
+
+    def as_the_caller() -> None:
+        for s in sockets:
+            s.close()
+        os.chdir(cwd)
+        os.umask(umask)
+        os.environ.clear()
+        os.environ.update(env)
+
+    return fork_mount_daemon(argv, notify_fd, log_fd, as_the_caller)
+
+
+def fork_mount_daemon(argv: list[str], notify_fd: int, log_fd: int,
+                      prepare: Callable[[], None] | None = None) -> int:
+    """Fork this process into `naiad mount --foreground --notify-fd N ARGV`; the child's pid.
+
+    The child, after `prepare()`, is a session of its own whose stdin is /dev/null and whose
+    output goes to `log_fd`, with no other descriptor of this process but `notify_fd`; it never
+    returns. Only a process with one thread may fork (a lock another thread holds stays held).
+    """
+    if threading.active_count() != 1:
+        raise NaiadError(f"cannot fork a mount daemon: {threading.active_count()} threads run")
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -205,24 +228,22 @@ def _fork(request: dict, notify_fd: int, log_fd: int, sockets: list[socket.socke
         return pid
     code = 1
     try:
-        for s in sockets:
-            s.close()
+        if prepare is not None:
+            prepare()
         os.setsid()
-        for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+        # The starter's handlers (naiad run's, mountd's) are not the daemon's.
+        for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(s, signal.SIG_DFL)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
-        os.close(devnull)
-        os.chdir(cwd)
-        os.umask(umask)
-        os.environ.clear()
-        os.environ.update(env)
+        os.closerange(3, notify_fd)
+        os.closerange(notify_fd + 1, os.sysconf("SC_OPEN_MAX"))
         from naiad.cli import main
 
         code = main(["mount", "--foreground", "--notify-fd", str(notify_fd), *argv])
-    except BaseException:  # the child must never return into mountd's loop
+    except BaseException:  # the child must never return into its parent's code
         traceback.print_exc()
     finally:
         sys.stdout.flush()

@@ -320,16 +320,6 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def _process_start(pid: int) -> str | None:
-    """The start time of `pid` in clock ticks since boot, to tell a live owner from a reused pid."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data.rpartition(")")[2].split()[19]
-
-
 @dataclasses.dataclass
 class _RunDir:
     path: str
@@ -350,7 +340,7 @@ class _RunDir:
         os.mkdir(path, 0o700)
         self = cls(path, f"naiad-{run_id}")
         daemon.write_json(os.path.join(path, "owner.json"), {
-            "pid": os.getpid(), "start": _process_start(os.getpid()), "container_id": self.container_id,
+            "pid": os.getpid(), "start": daemon.process_start(os.getpid()), "container_id": self.container_id,
             "keep": keep,
         })
         for sub in ("lower", "upper", "work", "rootfs"):
@@ -384,7 +374,7 @@ class _RunDir:
         self.daemon_spawned = True
         # Credentials go through the environment, not the daemon's command line (ps shows that).
         with _env("NAIAD_CREDS", options.registry.creds):
-            starting = daemon.start(argv, self.lower)
+            starting = daemon.start(argv, self.lower, fork=True)
         self.daemon_pid = starting.pid
         return starting
 
@@ -451,18 +441,19 @@ class _RunDir:
                     daemon.umount(self.lower)
                 except NaiadError as e:
                     problems.append(str(e))
-            # A daemon still starting up (setup was interrupted) has no state yet: stop it by its
-            # pid, or, for a stale run, find it by its mount point (unique to the run) in its
-            # command line. (A daemon `naiad mountd` forked has mountd's: only the pid finds it.)
-            pids = set(_daemons_for(self.lower))
-            if self.daemon_pid is not None and daemon.pid_alive(self.daemon_pid):
-                pids.add(self.daemon_pid)
+            # A daemon still starting up (setup was interrupted) is not mounted yet: stop it by its
+            # pid, this run's or, for a stale run, the one its state dir records.
+            pids = {pid for pid in (self.daemon_pid, daemon.started_daemon(self.lower))
+                    if pid is not None and daemon.pid_alive(pid)}
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
                 _wait_gone(pid, 10.0)
             if _is_mount(self.lower):
                 problems += _umount(self.lower)
+            # A daemon killed as it came up may have left its blob files (kernel mode) mounted.
+            for point in _mounts_under(os.path.realpath(daemon.state_dir(self.lower))):
+                problems += _umount(point)
             trace = os.path.join(daemon.state_dir(self.lower), "trace.json")
             if self.trace_to and os.path.exists(trace):
                 shutil.copyfile(trace, self.trace_to)
@@ -500,23 +491,6 @@ def _umount(path: str) -> list[str]:
     return [f"cannot unmount {path}: {os.strerror(ctypes.get_errno())}"]
 
 
-def _daemons_for(mountpoint: str) -> list[int]:
-    """Pids of mount daemons started for `mountpoint` (argv holds it verbatim)."""
-    needle = mountpoint.encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"mount" in argv and b"--foreground" in argv and needle in argv:
-            pids.append(int(entry))
-    return pids
-
-
 def _wait_gone(pid: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while daemon.pid_alive(pid) and time.monotonic() < deadline:
@@ -546,7 +520,7 @@ def cleanup_stale() -> None:
             pid = int(owner["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             continue  # being created right now, or not ours
-        if _process_start(pid) == owner.get("start"):
+        if daemon.process_start(pid) == owner.get("start"):
             continue  # its owner still runs
         log.info("cleaning up stale run %s", path)
         stale = _RunDir(path, owner.get("container_id", ""), daemon_spawned=True)
