@@ -1,14 +1,15 @@
 """`naiad mountd`: a resident parent that forks mount daemons instead of starting new interpreters.
 
-A mount daemon started as a new Python process spends 0.5-0.7 s importing
-its code from a cold page cache before it mounts anything, and a container
-start waits for that. `naiad mountd` imports the code once and waits on a
-Unix socket in $NAIAD_HOME; `daemon.start()` asks it first, and it forks a
-daemon that starts mounting at once. A forked daemon is what a started one
-is: a session of its own, its log file, its notify pipe, its state; it
-outlives mountd, and `naiad umount` stops it like any other. Without mountd
-(no socket, nobody answering, or another user's or namespace's), daemons
-are started as before.
+A mount daemon spends 0.15-0.3 s importing its code from a cold page cache
+before it mounts anything (more as a new interpreter), and a container start
+waits for that. `naiad mountd` imports the code once and waits on a Unix
+socket in $NAIAD_HOME; `daemon.start()` asks it first, and it forks a daemon
+that starts mounting at once. A forked daemon is what a started one is: a
+session of its own, its log file, its notify pipe, its state; it outlives
+mountd, and `naiad umount` stops it like any other. Without mountd (no
+socket, nobody answering, or another user's or namespace's), daemons are
+started as before: forked by a single-threaded caller
+(`fork_mount_daemon()`, the same child as mountd's), else a new interpreter.
 
 A long-lived caller (the containerd snapshotter) starts one of its own with
 `start_companion()`, unless one answers already: it ends with its parent
