@@ -7,13 +7,13 @@ with the daemon's pid, and `wait()` waits later. A running `naiad mountd`
 (fs/mountd.py) forks the daemon, its code already imported; else a
 single-threaded command forks it from itself, else it is a new interpreter.
 `started.json` records its pid at once (a forked daemon's command line is
-its starter's). The daemon writes `image-config.json` (the image's OCI config, for `naiad run`) and
-`state.json` (pid, ref, mountpoint), refreshes `stats.json` every second,
-and writes `trace.json` (files in first-read order) when it stops. SIGTERM
-and SIGINT unmount cleanly. In kernel mode (`state.json` says `"mode":
-"kernel"`) there are two mounts: EROFS on the mount point and the daemon's
-blobfs under its state dir; `umount()` takes EROFS down first and then
-stops the daemon, which unmounts blobfs.
+its starter's). The daemon writes `image-config.json` (the image's OCI
+config, for `naiad run`) and `state.json` (pid, ref, mountpoint), refreshes
+`stats.json` every second, and writes `trace.json` (files in first-read
+order) when it stops. SIGTERM and SIGINT unmount cleanly. In kernel mode
+(`state.json` says `"mode": "kernel"`) there are two mounts: EROFS on the
+mount point and the daemon's blobfs under its state dir; `umount()` takes
+EROFS down first and then stops the daemon, which unmounts blobfs.
 """
 
 from __future__ import annotations
