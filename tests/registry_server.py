@@ -2,7 +2,9 @@
 
 `RegistryServer` runs Debian's `docker-registry` on 127.0.0.1 with a throwaway
 config and filesystem storage, in one of three modes: anonymous, htpasswd
-basic auth, or bearer-token auth. For token mode, `TestTokenIssuer` is the
+basic auth, or bearer-token auth; with `tls`, it serves HTTPS (on another
+loopback address, which naiad does not speak plain HTTP to by default) with a
+certificate of `TestCA`'s. For token mode, `TestTokenIssuer` is the
 token server the registry's challenge points to: it issues RS256 JWTs signed
 with a key whose self-signed certificate is the registry's `rootcertbundle`.
 Only the token issuer is ours; the registry is the real thing.
@@ -40,10 +42,65 @@ def registry_available() -> bool:
     return shutil.which(REGISTRY_BIN) is not None
 
 
-def free_port() -> int:
+def free_port(address: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((address, 0))
         return s.getsockname()[1]
+
+
+class TestCA:
+    """A certificate authority of a test's own, and server certificates it signs for IP addresses."""
+
+    __test__ = False  # not a pytest class, despite the name
+
+    def __init__(self, workdir: Path):
+        from cryptography import x509
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        self._name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "naiad test CA")])
+        cert = self._sign(self._name, self._key.public_key(),
+                          x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        self.cert_path = self._write(self.workdir / "ca.pem", cert)
+
+    def server_cert(self, address: str) -> tuple[Path, Path]:
+        """(certificate, key) PEM files for a server at IP `address`."""
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = self._sign(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, address)]), key.public_key(),
+                          x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(address))]),
+                          critical=False)
+        key_path = self.workdir / f"{address}.key"
+        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        return self._write(self.workdir / f"{address}.pem", cert), key_path
+
+    def _sign(self, subject, public_key, extension, critical: bool):
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+
+        now = datetime.datetime.now(datetime.UTC)
+        return (x509.CertificateBuilder().subject_name(subject).issuer_name(self._name)
+                .public_key(public_key).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(days=1))
+                .not_valid_after(now + datetime.timedelta(days=30))
+                .add_extension(extension, critical=critical).sign(self._key, hashes.SHA256()))
+
+    @staticmethod
+    def _write(path: Path, cert) -> Path:
+        from cryptography.hazmat.primitives import serialization
+
+        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +127,7 @@ class RegistryServer:
         users: dict[str, str] | None = None,
         token_realm: str | None = None,
         token_cert: Path | None = None,
+        tls: TestCA | None = None,
     ):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -77,9 +135,13 @@ class RegistryServer:
         self.users = dict(users or {})
         self.token_realm = token_realm
         self.token_cert = token_cert
-        self.port = free_port()
-        self.host = f"127.0.0.1:{self.port}"
-        self.url = f"http://{self.host}"
+        # HTTPS on 127.0.0.2: naiad speaks plain HTTP to 127.0.0.1 and localhost unless told.
+        address = "127.0.0.2" if tls else "127.0.0.1"
+        self.ca = tls
+        self.tls = tls.server_cert(address) if tls else None
+        self.port = free_port(address)
+        self.host = f"{address}:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://{self.host}"
         self.root = self.workdir / "storage"
         self.root.mkdir(exist_ok=True)
         self.stdout_path = self.workdir / "registry.stdout"
@@ -103,10 +165,12 @@ class RegistryServer:
             "    uploadpurging:",
             "      enabled: false",
             "http:",
-            f"  addr: 127.0.0.1:{self.port}",
+            f"  addr: {self.host}",
             # A fixed secret: all upload-state HMACs agree if it is restarted.
             "  secret: naiad-test-secret",
         ]
+        if self.tls:
+            lines += ["  tls:", f"    certificate: {self.tls[0]}", f"    key: {self.tls[1]}"]
         if self.auth == "basic":
             htpasswd = self.workdir / "htpasswd"
             htpasswd.write_text(make_htpasswd(self.users))
@@ -141,7 +205,7 @@ class RegistryServer:
                     f"docker-registry exited with {self._proc.returncode}: {self.log_tail()}"
                 )
             try:
-                r = httpx.get(f"{self.url}/v2/", timeout=1.0)
+                r = httpx.get(f"{self.url}/v2/", timeout=1.0, verify=False)  # up, whatever its cert
                 if r.status_code in (200, 401):
                     return self
             except httpx.TransportError:

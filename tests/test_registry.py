@@ -12,9 +12,11 @@ import hashlib
 import json
 import logging
 import os
+import ssl
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 from faultproxy import FaultProxy
-from registry_server import RegistryServer, TestTokenIssuer, TokenRegistry, docker_config
+from registry_server import RegistryServer, TestCA, TestTokenIssuer, TokenRegistry, docker_config
 
 from naiad.errors import DigestMismatchError, NaiadError, NotFoundError, RegistryError
 from naiad.oci import auth
@@ -33,6 +35,7 @@ from naiad.oci.fastrange import RangeConnections
 from naiad.oci.image import Descriptor, RegistryOptions, resolve_image, source_for, target_for
 from naiad.oci.reference import parse_reference
 from naiad.oci.registry import RegistryClient, RegistrySource, RegistryTarget
+from naiad.oci.tls import client_context
 
 
 @pytest.fixture(autouse=True)
@@ -667,7 +670,7 @@ def _pushed(registry: RegistryServer, size: int) -> tuple[bytes, str]:
 def test_range_reads_of_many_threads_share_the_connections_opened_before(
         registry: RegistryServer, fault_proxy: FaultProxy) -> None:
     data, path = _pushed(registry, 100_000)
-    ranges = RangeConnections(httpx.URL(fault_proxy.url), True, 10.0, "naiad-test")
+    ranges = RangeConnections(httpx.URL(fault_proxy.url), client_context(), 10.0, "naiad-test")
     ranges.prewarm(2)
     deadline = time.monotonic() + 5
     while fault_proxy.connections < 2 and time.monotonic() < deadline:  # accepted on its own thread
@@ -689,7 +692,7 @@ def test_range_reads_of_many_threads_share_the_connections_opened_before(
 def test_a_pooled_connection_the_server_closed_is_replaced_on_the_fast_path(
         registry: RegistryServer, fault_proxy: FaultProxy) -> None:
     data, path = _pushed(registry, 10_000)
-    ranges = RangeConnections(httpx.URL(fault_proxy.url), True, 10.0, "naiad-test")
+    ranges = RangeConnections(httpx.URL(fault_proxy.url), client_context(), 10.0, "naiad-test")
     fault_proxy.hang_up_next()  # as a server's idle timeout would, after this answer
     assert ranges.get(path, 0, 100, None) == data[:100]
     time.sleep(0.1)
@@ -734,7 +737,7 @@ def test_multipart_answers_joined_parts_the_receivers_errors_and_oversized_parts
     spans = [(100, 50), (200, 50), (30_000, 10)]
     # A server may join ranges that are close into one part: each range it covers is handed over.
     server = _MultipartServer(data, [(100, 249), (30_000, 30_009)])
-    ranges = RangeConnections(httpx.URL(server.url), True, 10.0, "naiad-test")
+    ranges = RangeConnections(httpx.URL(server.url), client_context(), 10.0, "naiad-test")
     got: dict[int, bytes] = {}
     assert ranges.get_many("/blob", spans, None, got.__setitem__) == {0, 1, 2}
     assert got == {i: data[o:o + n] for i, (o, n) in enumerate(spans)}
@@ -748,8 +751,51 @@ def test_multipart_answers_joined_parts_the_receivers_errors_and_oversized_parts
     server.stop()
     # A part that claims more bytes than the ranges asked for span is not read (nor allocated).
     server = _MultipartServer(data, [(100, 149)], claimed={0: f"bytes 0-{1 << 40}/{1 << 41}"})
-    ranges = RangeConnections(httpx.URL(server.url), True, 10.0, "naiad-test")
+    ranges = RangeConnections(httpx.URL(server.url), client_context(), 10.0, "naiad-test")
     got.clear()
     assert ranges.get_many("/blob", spans, None, got.__setitem__) == set()
     assert got == {}
     server.stop()
+
+
+# --- TLS -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+    """A registry serving HTTPS with a certificate of a CA of this module's own."""
+    root = tmp_path_factory.mktemp("tls")
+    with RegistryServer(root / "registry", tls=TestCA(root / "ca")) as server:
+        yield server
+
+
+def test_an_https_registry_is_verified_with_the_systems_trust_store(
+        tls_registry: RegistryServer, node, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from test_mount import KiB, one_line_error, publish, rand, write_tree
+
+    files = {"etc/hello": b"hello over TLS\n", "bin/tool": rand(300 * KiB, 71)}
+    tree = write_tree(tmp_path / "tree", files)
+    assert tls_registry.ca is not None
+    for variable in ("SSL_CERT_FILE", "SSL_CERT_DIR"):
+        monkeypatch.delenv(variable, raising=False)
+    # The system's store does not know the CA: one clear line.
+    one_line_error(node.naiad("build", tree, f"{tls_registry.host}/tls/app:v1"), "certificate")
+    # Installed there (SSL_CERT_FILE stands for it: OpenSSL's default paths), it is trusted by the
+    # push, the manifest and bootstrap reads, and the mount daemon's range reads alike.
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_registry.ca.cert_path))
+    ref, _ = publish(node.home, tree, tls_registry.host, name="tls")
+    mnt = node.mount(ref)
+    for path, data in files.items():
+        assert (mnt / path).read_bytes() == data
+    assert node.stats(mnt)["bytes_fetched"] > 0  # chunks came over TLS
+    # Verification off: no CA needed.
+    monkeypatch.delenv("SSL_CERT_FILE")
+    mnt = node.mount(ref, "--insecure-skip-tls-verify", name="mnt2")
+    assert (mnt / "bin/tool").read_bytes() == files["bin/tool"]
+
+
+def test_one_tls_context_per_process_from_the_systems_trust_store() -> None:
+    # Not certifi's bundle (httpx's default): OpenSSL's default paths, as Docker and containerd.
+    assert client_context() is client_context()
+    assert client_context().get_ca_certs() == ssl.create_default_context().get_ca_certs()
+    assert client_context(False).verify_mode == ssl.CERT_NONE

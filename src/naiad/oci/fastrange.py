@@ -50,19 +50,15 @@ class RangeConnections:
     change, the misses' waits there being the full queue's, not the handshakes'.
     """
 
-    def __init__(self, base_url: httpx.URL, tls_verify: bool, timeout: float, user_agent: str):
+    def __init__(self, base_url: httpx.URL, tls: ssl.SSLContext, timeout: float, user_agent: str):
+        """`tls`: the context HTTPS connections verify with (oci/tls.py), the registry client's."""
         self.base_url = base_url
         self.timeout = timeout
         self.user_agent = user_agent
         self._idle: list[tuple[http.client.HTTPConnection, float]] = []  # (conn, since), newest last
         self._lock = threading.Lock()
         self._closed = False
-        self._ssl: ssl.SSLContext | None = None
-        if base_url.scheme == "https":
-            self._ssl = ssl.create_default_context()
-            if not tls_verify:
-                self._ssl.check_hostname = False
-                self._ssl.verify_mode = ssl.CERT_NONE
+        self._ssl = tls if base_url.scheme == "https" else None
         # httpx honours proxy variables; this path does not, so it stands aside when one is set.
         self.enabled = not any(os.environ.get(v) for v in _PROXY_VARIABLES)
         self.multi = True  # until the server answers a multi-range request some other way

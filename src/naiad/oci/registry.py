@@ -45,6 +45,7 @@ from naiad.oci.digest import check_digest, sha256_digest, verify_bytes
 from naiad.oci.fastrange import RangeConnections
 from naiad.oci.image import Descriptor, RegistryOptions
 from naiad.oci.reference import Reference
+from naiad.oci.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -148,15 +149,16 @@ class RegistryClient:
         self.chunk_size = CHUNK_SIZE if chunk_size is None else chunk_size
         self._creds: Credentials | None = resolve_credentials(host, options.creds)
         timeout = timeout if timeout is not None else TIMEOUT
+        tls = client_context(options.tls_verify)
         self._http = httpx.Client(
-            verify=options.tls_verify,
+            verify=tls,
             timeout=timeout,
             follow_redirects=False,  # followed by hand, so credentials stay on this host
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
             headers={"User-Agent": _USER_AGENT},
         )
         read_timeout = timeout.read if isinstance(timeout, httpx.Timeout) else timeout
-        self._ranges = RangeConnections(self.base_url, options.tls_verify, read_timeout or 60.0, _USER_AGENT)
+        self._ranges = RangeConnections(self.base_url, tls, read_timeout or 60.0, _USER_AGENT)
         self._challenge: Challenge | None = None
         self._pinged = False
         self._tokens = TokenCache()
