@@ -525,6 +525,32 @@ def test_an_exported_constructor_is_an_initialiser(tmp_path: Path) -> None:
     assert covered(own, offsets[reached]), own
 
 
+# A constructor that registers a callback (takes its address, as a library registering its kernels
+# or factories does), a chunk away from it; another function lies between them, never referenced.
+REGISTERING_CONSTRUCTOR = r"""
+static __attribute__((noinline)) int registered(int x) { return x * 7 + 1; }
+__asm__(".text\n.skip 1048576, 0xcc\n");
+__attribute__((noinline)) int never(int x) { return x * 13; }
+__asm__(".text\n.skip 1048576, 0xcc\n");
+int (*volatile callbacks[1])(int);
+__attribute__((constructor)) static void registering(void) { callbacks[0] = registered; }
+"""
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_a_callback_an_initialiser_registers_is_hinted_as_called(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    lib = compile_library(write(tmp_path, "reg.c", REGISTERING_CONSTRUCTOR), tree / "usr/lib/libreg.so")
+    offsets = function_offsets(lib)
+    registered = next(f for f in offsets if f.startswith("registered"))
+    listing = ok(subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(lib)], capture_output=True,
+                                text=True)).stdout
+    assert any("lea" in ln and f"<{registered}>" in ln for ln in listing.splitlines()), "no lea of it"
+    own = own_ranges(build(tmp_path, tree), "/usr/lib/libreg.so")
+    assert covered(own, offsets[registered]), own
+    assert not covered(own, offsets["never"]), own
+
+
 def compile_library(source: Path, lib: Path, *flags: str) -> Path:
     """`source` (C or C++, by its suffix) built as a shared object at `lib`, at -O1, with its
     definitions in the order written."""
