@@ -22,7 +22,9 @@ Two ways to serve the tree (`MountOptions.mode`):
 
 In kernel mode the daemon mounts EROFS only once its FUSE loop runs (the
 mount opens the blob files), and tears down in the other order: EROFS,
-then blobfs.
+then blobfs. The FUSE loop has the main thread (pyfuse3's trio loop in
+fuse mode, a wait in kernel mode, where no trio is loaded); mounting EROFS,
+prefetch and stats run on threads, SIGTERM and SIGINT are taken by one.
 """
 
 from __future__ import annotations
@@ -32,12 +34,11 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
-
-import trio
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from naiad.errors import FormatError, NaiadError
 from naiad.format.bootstrap import Bootstrap, Chunk
@@ -54,8 +55,8 @@ from naiad.storage.hints import READ_AHEAD_CEILING, HintPrefetcher
 from naiad.storage.image import NaiadImage
 from naiad.storage.p2p import via_peer
 
-# pyfuse3 (and LazyFS, built on it) are imported where fuse mode needs them: kernel mode never
-# does, and importing them is about 0.07 s of every daemon's start on a cold page cache.
+# pyfuse3 (and LazyFS, built on it) are imported where fuse mode needs them, and trio with them:
+# kernel mode never does (0.07 s and 0.09 s of every daemon's start on a cold page cache).
 if TYPE_CHECKING:
     from naiad.fs.lazyfs import LazyFS
 
@@ -72,6 +73,7 @@ PREFETCH_SLOTS = 2  # batches of the prefetch list in flight at once
 # Range-read connections a mount opens before its app starts: the hints' workers and a few readers.
 WARM_CONNECTIONS = 8
 MODES = ("auto", "kernel", "fuse")
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +93,7 @@ class Prefetcher:
 
     def __init__(self, bs: Bootstrap, fetcher: ChunkFetcher, options: MountOptions):
         self.bs, self.fetcher, self.options = bs, fetcher, options
-        self.slots = trio.Semaphore(PREFETCH_SLOTS)
+        self.slots = threading.Semaphore(PREFETCH_SLOTS)
         self.done_bytes = 0
         self.total_bytes = 0
         self.finished = False
@@ -110,7 +112,8 @@ class Prefetcher:
         self.total_bytes = sum(c.usize for c in (*listed, *rest))
         return [(b, 1) for b in _batches(listed)] + [(b, PREFETCH_SLOTS) for b in _batches(rest)]
 
-    async def run(self) -> None:
+    def run(self, stop: threading.Event) -> None:
+        """Fetch the plan, until done or `stop` is set (batches in flight then finish)."""
         batches = self._plan()
         start = time.monotonic()
         rate = self.options.prefetch_rate
@@ -118,21 +121,36 @@ class Prefetcher:
         # The list's batches two at a time, in order: one downloads while the other is decoded, so
         # the link is not idle between them (the list is the order the app reads in). The rest
         # (--prefetch-all) one at a time: on-demand reads must not wait behind a crowd.
-        async with trio.open_nursery() as nursery:
-            for batch, slots in batches:
-                if rate > 0:
-                    ahead = started / rate - (time.monotonic() - start)
-                    if ahead > 0:
-                        await trio.sleep(ahead)
-                for _ in range(slots):
-                    await self.slots.acquire()
-                nursery.start_soon(self._one, batch, slots)
-                started += sum(c.usize for c in batch)
-        self.finished = True
+        workers = []
+        stopped = False
+        for batch, slots in batches:
+            ahead = started / rate - (time.monotonic() - start) if rate > 0 else 0
+            if (ahead > 0 and stop.wait(ahead)) or not self._acquire(slots, stop):
+                stopped = True
+                break
+            worker = threading.Thread(target=self._one, args=(batch, slots), name="naiad-prefetch",
+                                      daemon=True)
+            worker.start()
+            workers.append(worker)
+            started += sum(c.usize for c in batch)
+        for worker in workers:
+            worker.join()
+        self.finished = not stopped
 
-    async def _one(self, batch: list[Chunk], slots: int) -> None:
+    def _acquire(self, slots: int, stop: threading.Event) -> bool:
+        taken = 0
+        while taken < slots:
+            if stop.is_set():
+                for _ in range(taken):
+                    self.slots.release()
+                return False
+            if self.slots.acquire(timeout=0.1):
+                taken += 1
+        return True
+
+    def _one(self, batch: list[Chunk], slots: int) -> None:
         try:
-            await trio.to_thread.run_sync(self.fetcher.prefetch, batch)
+            self.fetcher.prefetch(batch)
         except NaiadError as e:
             log.warning("prefetch: %s", e)  # on-demand reads will retry these chunks
         finally:
@@ -174,6 +192,8 @@ def serve(ref: Reference, mountpoint: str, registry: RegistryOptions, options: M
         raise NaiadError(f"mount point {mountpoint} is not empty")
     if options.mode not in MODES:
         raise NaiadError(f"mount mode {options.mode!r} is not one of {', '.join(MODES)}")
+    signals = _Signals()  # before any thread starts: all of them must block the signals
+    _import_http_client()
     with source_for(ref, registry) as inner, via_peer(inner, ref, registry) as source:
         img = NaiadImage.open(source, options.platform)
         write_json(os.path.join(state, IMAGE_CONFIG), img.image.config)
@@ -207,8 +227,9 @@ def serve(ref: Reference, mountpoint: str, registry: RegistryOptions, options: M
                 "manifest_digest": img.image.manifest_digest, "started": time.time(),
                 "mode": mount.mode}
         prefetcher = Prefetcher(img.bootstrap, fetcher, options)
+        signals.mount = mount
         try:
-            trio.run(_main, mount, prefetcher, lambda: mount.up(info, prefetcher, notify_fd))
+            _run(mount, prefetcher, lambda: mount.up(info, prefetcher, notify_fd))
         finally:
             mount.stop_kernel(detach=True)
             mount.close_fuse()
@@ -273,25 +294,39 @@ class _Mount:
         self.fs: LazyFS | BlobFS | None = None
         self.wire: FuseWireServer | None = None  # kernel mode's server of the blob files
         self.hints: HintPrefetcher | None = None
-        self.error: NaiadError | None = None
+        self.error: Exception | None = None
         self.kernel_mounted = False
+        self._stopping = False  # fuse mode: terminate() was called
+        self._trio_token: Any = None  # fuse mode: of the loop pyfuse3 runs in, once it runs
 
-    async def serve_fuse(self) -> None:
-        """Answer FUSE requests until unmounted or terminate()d."""
-        if self.wire is None:
-            import pyfuse3
+    def serve_fuse(self) -> None:
+        """Answer FUSE requests until unmounted or terminate()d: pyfuse3's trio loop on this
+        thread in fuse mode, blobfs's own threads in kernel mode."""
+        if self.wire is not None:
+            self.wire.finished.wait()
+            return
+        import pyfuse3
+        import trio
 
-            await pyfuse3.main(min_tasks=4, max_tasks=64)
-        else:
-            await trio.to_thread.run_sync(self.wire.finished.wait)
+        async def main() -> None:
+            self._trio_token = trio.lowlevel.current_trio_token()
+            if not self._stopping:  # terminate() came first: it found no loop to stop
+                await pyfuse3.main(min_tasks=4, max_tasks=64)
+
+        trio.run(main)
 
     def terminate(self) -> None:
-        if self.wire is None:
-            import pyfuse3
-
-            pyfuse3.terminate()
-        else:
+        """Stop serving; from any thread."""
+        if self.wire is not None:
             self.wire.stop()
+            return
+        import pyfuse3
+        import trio
+
+        self._stopping = True
+        if self._trio_token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                self._trio_token.run_sync_soon(pyfuse3.terminate)
 
     def close_fuse(self) -> None:
         if self.wire is None:
@@ -313,12 +348,12 @@ class _Mount:
         os.makedirs(path, exist_ok=True)
         return path
 
-    async def up(self, info: dict, prefetcher: Prefetcher, notify_fd: int | None) -> None:
+    def up(self, info: dict, prefetcher: Prefetcher, notify_fd: int | None) -> None:
         """Finish mounting (the FUSE loop runs now), then record state and tell the starter."""
         if self.image is not None:
             assert isinstance(self.fs, BlobFS)
             devices = self.fs.paths(self.blob_dir)
-            await trio.to_thread.run_sync(kernel.mount_erofs, self.image, devices, self.mountpoint)
+            kernel.mount_erofs(self.image, devices, self.mountpoint)
             self.kernel_mounted = True
             try:
                 kernel.set_read_ahead(self.mountpoint, self.read_ahead >> 10)
@@ -357,46 +392,69 @@ class _Mount:
         }
 
 
-async def _main(mount: _Mount, prefetcher: Prefetcher, up: Callable[[], Awaitable[None]]) -> None:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signal, mount)
-        nursery.start_soon(_start, mount, prefetcher, up, nursery)
-        await mount.serve_fuse()
-        nursery.cancel_scope.cancel()
-
-
-async def _start(mount: _Mount, prefetcher: Prefetcher, up: Callable[[], Awaitable[None]],
-                 nursery: trio.Nursery) -> None:
+def _run(mount: _Mount, prefetcher: Prefetcher, up: Callable[[], None]) -> None:
+    """Serve until unmounted or signalled (_Signals): FUSE on this thread, the rest on another."""
+    stop = threading.Event()
+    control = threading.Thread(target=_control, args=(mount, prefetcher, up, stop), name="naiad-control")
+    control.start()
     try:
-        await up()
-    except NaiadError as e:
+        mount.serve_fuse()
+    finally:
+        stop.set()
+        control.join()
+
+
+def _control(mount: _Mount, prefetcher: Prefetcher, up: Callable[[], None], stop: threading.Event) -> None:
+    """Finish mounting, then prefetch and refresh stats.json every second until `stop`."""
+    try:
+        up()
+    except Exception as e:  # serve() raises it once the filesystem is down
         mount.error = e
         mount.terminate()
         return
-    nursery.start_soon(_report, mount, prefetcher)
-    nursery.start_soon(prefetcher.run)
-
-
-async def _stop_on_signal(mount: _Mount) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for _ in signals:
-            mount.stop_kernel(detach=True)
-            mount.terminate()
-            return
-
-
-async def _report(mount: _Mount, prefetcher: Prefetcher) -> None:
-    while True:
+    prefetch = threading.Thread(target=prefetcher.run, args=(stop,), name="naiad-prefetch", daemon=True)
+    prefetch.start()
+    while not stop.wait(1):
         if mount.kernel_mounted and not is_mounted(mount.mountpoint):
             # EROFS was unmounted (`naiad umount`, or plain umount): blobfs has nobody to serve.
             mount.kernel_mounted = False
             mount.terminate()
-            return
-        # In a thread: counting the files read asks the bootstrap a question that takes tens of ms on
-        # a big image, and every FUSE request would wait for it on this loop.
-        stats = await trio.to_thread.run_sync(mount.stats, prefetcher)
-        write_json(os.path.join(mount.state, "stats.json"), stats)
-        await trio.sleep(1)
+            break
+        write_json(os.path.join(mount.state, "stats.json"), mount.stats(prefetcher))
+    prefetch.join()
+
+
+class _Signals:
+    """SIGTERM and SIGINT, blocked in every thread and taken by one of their own: before the
+    filesystem serves they end the daemon, as they would by default; then they unmount it."""
+
+    def __init__(self) -> None:
+        self.mount: _Mount | None = None
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        threading.Thread(target=self._wait, name="naiad-signals", daemon=True).start()
+
+    def _wait(self) -> None:
+        signum = signal.sigwait(_STOP_SIGNALS)
+        mount = self.mount
+        if mount is None:
+            os._exit(128 + signum)
+        mount.stop_kernel(detach=True)
+        mount.terminate()
+
+
+def _import_http_client() -> None:
+    """Import httpcore (httpx's transport) with trio and anyio kept out: it imports them for async
+    backends, which naiad's registry client (synchronous) never uses, and trio alone is ~90 ms of a
+    kernel-mode daemon's start on a cold page cache. A later `import trio` (pyfuse3's, in fuse
+    mode) loads it as usual."""
+    kept_out = [name for name in ("trio", "anyio") if name not in sys.modules]
+    for name in kept_out:
+        sys.modules[name] = None  # type: ignore[assignment]  # `import name` raises ImportError
+    try:
+        import httpcore  # noqa: F401
+    finally:
+        for name in kept_out:
+            del sys.modules[name]
 
 
 def _write_trace(state: str, fs: LazyFS | BlobFS | None, bs: Bootstrap) -> None:
