@@ -205,6 +205,7 @@ def serve(ref: Reference, mountpoint: str, registry: RegistryOptions, options: M
                              daemon=True).start()
         image = _kernel_image(img, state, options.mode)
         mount = _Mount(mountpoint, state, fetcher, image, options.read_ahead)
+        signals.mount = mount  # from here a signal stops the mount rather than the process
         if options.hints and img.bootstrap.has_hints:
             mount.hints = HintPrefetcher(img.bootstrap, fetcher)
             fetcher.on_miss = mount.hints.on_miss
@@ -227,7 +228,6 @@ def serve(ref: Reference, mountpoint: str, registry: RegistryOptions, options: M
                 "manifest_digest": img.image.manifest_digest, "started": time.time(),
                 "mode": mount.mode}
         prefetcher = Prefetcher(img.bootstrap, fetcher, options)
-        signals.mount = mount
         try:
             _run(mount, prefetcher, lambda: mount.up(info, prefetcher, notify_fd))
         finally:
@@ -296,14 +296,15 @@ class _Mount:
         self.hints: HintPrefetcher | None = None
         self.error: Exception | None = None
         self.kernel_mounted = False
-        self._stopping = False  # fuse mode: terminate() was called
+        self._stopping = False  # terminate() was called
         self._trio_token: Any = None  # fuse mode: of the loop pyfuse3 runs in, once it runs
 
     def serve_fuse(self) -> None:
         """Answer FUSE requests until unmounted or terminate()d: pyfuse3's trio loop on this
         thread in fuse mode, blobfs's own threads in kernel mode."""
         if self.wire is not None:
-            self.wire.finished.wait()
+            if not self._stopping:  # else terminate() came before there was a server to stop
+                self.wire.finished.wait()
             return
         import pyfuse3
         import trio
@@ -316,14 +317,15 @@ class _Mount:
         trio.run(main)
 
     def terminate(self) -> None:
-        """Stop serving; from any thread."""
-        if self.wire is not None:
-            self.wire.stop()
+        """Stop serving; from any thread, even before serving began."""
+        self._stopping = True  # set first: serve_fuse() sets the server up, then reads it
+        if self.mode == "kernel":
+            if self.wire is not None:
+                self.wire.stop()
             return
         import pyfuse3
         import trio
 
-        self._stopping = True
         if self._trio_token is not None:
             with contextlib.suppress(trio.RunFinishedError):
                 self._trio_token.run_sync_soon(pyfuse3.terminate)
