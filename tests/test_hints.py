@@ -244,6 +244,19 @@ def test_node_hints_resolve_requires_as_node_does(tmp_path: Path) -> None:
     assert "/usr/share/nodejs/unused/index.js" not in from_entry
 
 
+def test_a_package_json_no_parser_can_read_costs_its_hints_not_the_build(tmp_path: Path) -> None:
+    # Nested deeper than Python's stack, and not JSON at all: no manifest to follow, so the hints
+    # name the package's index.js, where a loader without a "main" looks.
+    tree = tmp_path / "tree"
+    write(tree, "app/main.js", "require('deep'); require('broken');\n")
+    for name, manifest in (("deep", "[" * 200_000 + "]" * 200_000), ("broken", "{main: nope")):
+        write(tree, f"app/node_modules/{name}/package.json", manifest)
+        write(tree, f"app/node_modules/{name}/index.js", "module.exports = 1;\n")
+    hints = hints_by_path(build(tmp_path, tree))
+    assert [path for path, _, _ in hints["/app/main.js"]] == [
+        "/app/node_modules/deep/index.js", "/app/node_modules/broken/index.js"]
+
+
 def test_entry_points_of_a_site_directory_lead_one_to_the_next(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     site = "/venv/lib/python3.11/site-packages"

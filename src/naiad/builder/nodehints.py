@@ -94,7 +94,7 @@ def _load_time_code(source: bytes) -> bytes:
         c = source[j]
         end = j + 1
         if c in b"'\"":
-            end = _STRINGS[c].match(source, j).end()
+            end = _string_end(source, j)
             if lazy or not _REQUIRE_OPEN.search(out, max(0, j - 16), j):
                 out[j:end] = b" " * (end - j)
         elif c == 0x60:  # ` a template literal (its ${...} parts are code too, but rarely requires)
@@ -370,7 +370,7 @@ class NodeModules:
                 data = self.read(node, 0, node.size)
                 try:
                     loaded = json.loads(data) if data else None
-                except ValueError:
+                except (ValueError, RecursionError):  # not JSON, or nested past Python's stack
                     loaded = None
                 manifest = loaded if isinstance(loaded, dict) else None
             self._packages[directory] = manifest
