@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_mount import Node, mounted, one_line_error
+from test_mount import Node, mounted, one_line_error, wait_for
 
 from naiad.fs.daemon import pid_alive
 
@@ -141,10 +141,8 @@ def test_a_companion_mountd_ends_with_its_parent_and_defers_to_a_running_one(nod
         assert none == 0  # the first one's serves NAIAD_HOME
         first.kill()
         first.wait()
-        deadline = time.monotonic() + 10
-        while pid_alive(companion) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not pid_alive(companion) and not sock.exists()
+        wait_for(lambda: not pid_alive(companion), "the companion mountd to end with its parent")
+        assert not sock.exists()
     finally:
         for proc in (first, second):
             if proc is not None and proc.poll() is None:

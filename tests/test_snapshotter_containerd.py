@@ -26,6 +26,7 @@ from snapshotter_helpers import (
     make_images,
     skip_unless_possible,
 )
+from test_mount import wait_for
 from test_mountd import mountd_answers
 
 from naiad.snapshotter.store import Store
@@ -140,10 +141,7 @@ def test_kill9_snapshotter_while_a_container_reads(images, node: Node):
         node.snapshotter.kill9()
         rest, err = reader.communicate(timeout=120)
         # The snapshotter's mountd ended with it (its daemons go on: this one serves the reader).
-        deadline = time.monotonic() + 10
-        while (node.home / "mountd.sock").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not (node.home / "mountd.sock").exists()
+        wait_for(lambda: not (node.home / "mountd.sock").exists(), "the snapshotter's mountd to end")
     finally:
         if reader.poll() is None:
             reader.kill()
