@@ -445,6 +445,23 @@ def test_kill_during_prefetch_leaves_a_consistent_cache(registry: RegistryServer
     node.assert_cache_consistent()
 
 
+def test_umount_during_a_paced_prefetch_does_not_wait_for_it(registry: RegistryServer, node: Node) -> None:
+    files = {f"d/f{i}": os.urandom(4 * MiB) for i in range(8)}
+    ref, _ = publish(node.home, write_tree(node.root / "tree", files), registry, "--chunk-size", "256K")
+    # 32 MiB at 1 MiB/s: the prefetch alone would take half a minute.
+    mnt = node.mount(ref, "--prefetch-all", "--prefetch-rate", "1M")
+    stats = node.wait_stats(mnt, lambda s: s["prefetch"]["done_bytes"] > 0, "some prefetch progress")
+    assert stats["prefetch"]["total_bytes"] == 32 * MiB
+    pid = node.pid(mnt)
+    t0 = time.monotonic()
+    node.umount(mnt)
+    wait_for(lambda: not pid_alive(pid), "the daemon to exit")
+    assert time.monotonic() - t0 < 15  # the batch in flight finishes, no later one starts
+    assert not mounted(mnt)
+    node.assert_cache_consistent()
+    assert len(node.cache_rows()) < 8 * 16  # the prefetch stopped part-way
+
+
 def test_concurrent_readers_get_correct_bytes(registry: RegistryServer, node: Node) -> None:
     files = {f"f{i}": rand(3 * MiB + 12345 * i, 10 + i) for i in range(4)}
     ref, _ = publish(node.home, write_tree(node.root / "tree", files), registry, "--chunk-size", "64K")

@@ -38,7 +38,7 @@ import struct
 from collections.abc import Callable, Iterator, Sequence
 
 from naiad.builder import elfcode
-from naiad.builder.nodehints import NodeModules, entry_script, is_script
+from naiad.builder.nodehints import NodeModules, Reader, entry_script, is_script
 from naiad.builder.placement import HEADER_SIZE, checked_hash, source_of_bytecode
 from naiad.builder.tree import Node
 from naiad.format.pathwalk import follow
@@ -46,8 +46,6 @@ from naiad.format.pathwalk import follow
 # (trigger file, target file, offset, size): when the trigger is first read, fetch size bytes of the
 # target from offset (size -1: to its end; 0: nothing) and then follow the target's own hints.
 Hint = tuple[Node, Node, int, int]
-# read(node, offset, size): bytes of a regular file, or None when the build does not hold them.
-Reader = Callable[[Node, int, int], "bytes | None"]
 
 MAX_SOURCE = 4 << 20  # a module bigger than this is not scanned for imports
 MAX_RANGE = 64 << 20  # no single ELF hint asks for more

@@ -48,6 +48,7 @@ _REGEX_KEYWORDS = frozenset((b"return", b"typeof", b"case", b"do", b"else", b"in
                              b"delete", b"throw", b"new", b"instanceof", b"yield", b"await"))
 
 File = Callable[[bytes], "Node | None"]  # absolute path -> the regular file there, symlinks followed
+# read(node, offset, size): bytes of a regular file, or None when the build does not hold them.
 Reader = Callable[[Node, int, int], "bytes | None"]
 
 

@@ -29,7 +29,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -138,7 +137,7 @@ def start(argv: list[str], mountpoint: str, *, fork: bool = False) -> Starting:
         with open(log_path, "ab") as logf:
             pid = mountd.fork_daemon(argv, w, logf.fileno())
             reap: Callable[[], int] | None = None
-            if pid is None and fork and threading.active_count() == 1:
+            if pid is None and fork and mountd.can_fork():
                 pid = mountd.fork_mount_daemon(argv, w, logf.fileno())
                 reap = functools.partial(_reap, pid)
             if pid is None:

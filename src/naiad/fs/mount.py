@@ -93,10 +93,12 @@ class Prefetcher:
 
     def __init__(self, bs: Bootstrap, fetcher: ChunkFetcher, options: MountOptions):
         self.bs, self.fetcher, self.options = bs, fetcher, options
-        self.slots = threading.Semaphore(PREFETCH_SLOTS)
         self.done_bytes = 0
         self.total_bytes = 0
         self.finished = False
+        self._cond = threading.Condition()
+        self._free = PREFETCH_SLOTS  # slots no batch in flight holds
+        self._stopped = False
 
     def _plan(self) -> list[tuple[list[Chunk], int]]:
         """Batches to fetch in order, each with the slots it takes: two of the list's may be in
@@ -112,8 +114,8 @@ class Prefetcher:
         self.total_bytes = sum(c.usize for c in (*listed, *rest))
         return [(b, 1) for b in _batches(listed)] + [(b, PREFETCH_SLOTS) for b in _batches(rest)]
 
-    def run(self, stop: threading.Event) -> None:
-        """Fetch the plan, until done or `stop` is set (batches in flight then finish)."""
+    def run(self) -> None:
+        """Fetch the plan, until done or stop() (batches in flight then finish)."""
         batches = self._plan()
         start = time.monotonic()
         rate = self.options.prefetch_rate
@@ -125,7 +127,7 @@ class Prefetcher:
         stopped = False
         for batch, slots in batches:
             ahead = started / rate - (time.monotonic() - start) if rate > 0 else 0
-            if (ahead > 0 and stop.wait(ahead)) or not self._acquire(slots, stop):
+            if not self._take(slots, after=ahead):
                 stopped = True
                 break
             worker = threading.Thread(target=self._one, args=(batch, slots), name="naiad-prefetch",
@@ -137,16 +139,23 @@ class Prefetcher:
             worker.join()
         self.finished = not stopped
 
-    def _acquire(self, slots: int, stop: threading.Event) -> bool:
-        taken = 0
-        while taken < slots:
-            if stop.is_set():
-                for _ in range(taken):
-                    self.slots.release()
+    def stop(self) -> None:
+        """Start no more batches (from any thread): run() returns once those in flight are done."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    def _take(self, slots: int, *, after: float) -> bool:
+        """Take `slots` slots, no sooner than `after` seconds from now (the rate's pace) and once
+        that many are free; False if stopped meanwhile."""
+        with self._cond:
+            if after > 0:
+                self._cond.wait_for(lambda: self._stopped, after)
+            self._cond.wait_for(lambda: self._stopped or self._free >= slots)
+            if self._stopped:
                 return False
-            if self.slots.acquire(timeout=0.1):
-                taken += 1
-        return True
+            self._free -= slots
+            return True
 
     def _one(self, batch: list[Chunk], slots: int) -> None:
         try:
@@ -154,8 +163,9 @@ class Prefetcher:
         except NaiadError as e:
             log.warning("prefetch: %s", e)  # on-demand reads will retry these chunks
         finally:
-            for _ in range(slots):
-                self.slots.release()
+            with self._cond:
+                self._free += slots
+                self._cond.notify_all()
         self.done_bytes += sum(c.usize for c in batch)
 
 
@@ -414,7 +424,7 @@ def _control(mount: _Mount, prefetcher: Prefetcher, up: Callable[[], None], stop
         mount.error = e
         mount.terminate()
         return
-    prefetch = threading.Thread(target=prefetcher.run, args=(stop,), name="naiad-prefetch", daemon=True)
+    prefetch = threading.Thread(target=prefetcher.run, name="naiad-prefetch", daemon=True)
     prefetch.start()
     while not stop.wait(1):
         if mount.kernel_mounted and not is_mounted(mount.mountpoint):
@@ -423,6 +433,7 @@ def _control(mount: _Mount, prefetcher: Prefetcher, up: Callable[[], None], stop
             mount.terminate()
             break
         write_json(os.path.join(mount.state, "stats.json"), mount.stats(prefetcher))
+    prefetcher.stop()
     prefetch.join()
 
 

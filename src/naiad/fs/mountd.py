@@ -132,7 +132,7 @@ def serve(ready: Any = None) -> None:
     """
     for module in ("naiad.cli", "naiad.fs.mount"):  # the point of mountd: loaded once, before any fork
         importlib.import_module(module)
-    if threading.active_count() != 1:  # a thread holding a lock at fork would leave it held in a daemon
+    if not can_fork():
         raise NaiadError(f"naiad mountd cannot fork safely: {threading.active_count()} threads run")
 
     path = socket_path()
@@ -212,15 +212,21 @@ def _fork(request: dict, notify_fd: int, log_fd: int, sockets: list[socket.socke
     return fork_mount_daemon(argv, notify_fd, log_fd, as_the_caller)
 
 
+def can_fork() -> bool:
+    """Whether this process may fork a daemon: it runs one thread. A lock that another thread
+    holds at the fork would stay held in the child for good."""
+    return threading.active_count() == 1
+
+
 def fork_mount_daemon(argv: list[str], notify_fd: int, log_fd: int,
                       prepare: Callable[[], None] | None = None) -> int:
     """Fork this process into `naiad mount --foreground --notify-fd N ARGV`; the child's pid.
 
     The child, after `prepare()`, is a session of its own whose stdin is /dev/null and whose
     output goes to `log_fd`, with no other descriptor of this process but `notify_fd`; it never
-    returns. Only a process with one thread may fork (a lock another thread holds stays held).
+    returns. Only a process that can_fork() may call it.
     """
-    if threading.active_count() != 1:
+    if not can_fork():
         raise NaiadError(f"cannot fork a mount daemon: {threading.active_count()} threads run")
     sys.stdout.flush()
     sys.stderr.flush()
