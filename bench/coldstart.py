@@ -34,6 +34,8 @@ content and caches are removed and the page cache dropped (`sync; echo 3 >
   for its statistics and to show what the container runtime costs.
 - `naiad-optimized`: the same on the image `naiad optimize` wrote (prefetch
   list from a recorded run); skipped with a note while that command is absent.
+- `naiad-hinted`: the same on the image `naiad optimize --from-hints` wrote
+  (prefetch list from the access hints' walk from the entrypoint: no run).
 - `floor`: the app chrooted into a rootfs unpacked beforehand (`umoci raw
   unpack`), warm (page cache hot after one untimed run) and cold (after
   dropping the page cache).
@@ -105,7 +107,7 @@ SNAPSHOTTER_MOUNTD_WAIT = 5.0  # s, for the snapshotter's mountd to listen
 SNAPSHOTTER_START_TIMEOUT = 30.0  # seconds for `naiad snapshotter` to make its socket
 
 METHODS = ("oci", "naiad-containerd", "naiad-lazy", "naiad-nohints", "naiad-mountd", "naiad-mount",
-           "naiad-mount-fuse", "naiad-optimized", "floor-warm", "floor-cold")
+           "naiad-mount-fuse", "naiad-optimized", "naiad-hinted", "floor-warm", "floor-cold")
 RUN_LABEL = "`naiad run`"
 MOUNT_LABEL = "`naiad mount` + chroot on overlayfs"
 LABELS = {
@@ -117,12 +119,13 @@ LABELS = {
     "naiad-mount": f"naiad-mount: {MOUNT_LABEL} (no runc; for its stats)",
     "naiad-mount-fuse": "naiad-mount-fuse: the same with `--mode fuse` (Python serves the whole tree)",
     "naiad-optimized": "naiad-optimized: {how} of the optimized image",
+    "naiad-hinted": "naiad-hinted: {how} of the image `naiad optimize --from-hints` wrote (no run)",
     "floor-warm": "floor-warm: chroot run on the unpacked rootfs",
     "floor-cold": "floor-cold: the same after drop_caches",
 }
 # What `--methods` selects: METHODS' names (floor: both floor rows) and the N-node one.
 SELECTABLE = ("oci", "naiad-containerd", "naiad-lazy", "naiad-nohints", "naiad-mountd", "naiad-mount",
-              "naiad-mount-fuse", "naiad-optimized", "floor", "naiad-p2p")
+              "naiad-mount-fuse", "naiad-optimized", "naiad-hinted", "floor", "naiad-p2p")
 P2P_NODES, P2P_NODES_QUICK = 4, 2  # nodes starting the image at once in naiad-p2p (`--p2p-nodes`)
 SWARM_LABELS = {
     True: "naiad-p2p: `naiad run --p2p-proxy` through each node's peer",
@@ -227,6 +230,7 @@ class Setup:
     oci_ref: str
     naiad_ref: str
     optimized_ref: str | None  # None: not measured, `skipped` says why
+    hinted_ref: str | None  # likewise, `naiad optimize --from-hints`'s image
     use_snapshotter: bool  # `naiad snapshotter` and ctr-remote exist: naiad-containerd is measured
     skipped: dict[str, str]  # method -> why it was not measured
     oci_bytes: int  # compressed layers of the OCI image
@@ -303,10 +307,10 @@ def run_workload(ctx: Context, wl: Workload, networks: Sequence[int | None]) -> 
                                                                       "naiad-mount")]
                     methods["naiad-mount-fuse"] = lambda w: [measure_naiad(
                         the_lab, wl, setup.naiad_ref, False, w, "naiad-mount-fuse", ("--mode", "fuse"))]
-                if setup.optimized_ref:
-                    opt = setup.optimized_ref
-                    methods["naiad-optimized"] = lambda w: [measure_naiad(the_lab, wl, opt, setup.use_run, w,
-                                                                          "naiad-optimized")]
+                for method, ref in (("naiad-optimized", setup.optimized_ref),
+                                    ("naiad-hinted", setup.hinted_ref)):
+                    if ref:
+                        methods[method] = naiad_on(the_lab, wl, ref, setup.use_run, method)
                 methods = {k: f for k, f in methods.items() if wants(ctx, k)}
                 if "floor" in methods:
                     unpack(f"{wl.image.layout}:{wl.image.tag}", floor_root)
@@ -387,32 +391,47 @@ def push_images(ctx: Context, the_lab: Lab, wl: Workload, tmp: Path) -> Setup:
                  "container); naiad-mount is the mount path beside it." if use_run else
                  "naiad-lazy ran as `naiad mount --plain-http REF MNT` + the chrooted run on an overlayfs "
                  "over MNT (`naiad run` does not exist yet in this checkout).")
-    optimized_ref = None
-    wanted = wants(ctx, "naiad-optimized")  # else no untimed optimize run
-    if wanted and has_command("optimize"):
-        target = f"{reg}/{wl.name}:v1-naiad-opt"
-        t3 = time.perf_counter()
-        try:
-            run_measured(the_lab.node_argv(naiad_argv("optimize", "--plain-http", naiad_ref, target, "--",
-                                                      *wl.argv)), env=env)
-        except BenchError as e:
-            skipped["naiad-optimized"] = "skipped: `naiad optimize` failed"
-            notes.append(f"naiad-optimized: skipped, `naiad optimize` failed: {' '.join(str(e).split())}")
-            ctx.log(f"coldstart: naiad optimize failed: {e}")
-        else:
-            optimized_ref = target
-            notes.append(f"naiad-optimized: `naiad optimize --plain-http {naiad_ref} {target} -- ENTRYPOINT` "
-                         f"({time.perf_counter() - t3:.1f} s, untimed setup), then measured like naiad-lazy.")
-            ctx.log(f"coldstart: optimized into {target} ({time.perf_counter() - t3:.1f} s)")
-    elif wanted:
-        skipped["naiad-optimized"] = "skipped: not built yet"
-        notes.append("naiad-optimized: skipped, not built yet (`naiad optimize --help` fails in this "
-                     "checkout).")
+    optimized_ref = optimize(ctx, the_lab, env, naiad_ref, f"{reg}/{wl.name}:v1-naiad-opt", "naiad-optimized",
+                             ["--", *wl.argv], skipped, notes)
+    hinted_ref = optimize(ctx, the_lab, env, naiad_ref, f"{reg}/{wl.name}:v1-naiad-hinted", "naiad-hinted",
+                          ["--from-hints"], skipped, notes)
     cleanup_mounts(home)
     shutil.rmtree(home, ignore_errors=True)
-    return Setup(oci_ref, naiad_ref, optimized_ref, use_snapshotter, skipped, oci_bytes, naiad_bytes,
-                 sum(layer.uncompressed for layer in layers), inspect["files"], inspect["file_bytes"],
-                 use_run, notes)
+    return Setup(oci_ref, naiad_ref, optimized_ref, hinted_ref, use_snapshotter, skipped, oci_bytes,
+                 naiad_bytes, sum(layer.uncompressed for layer in layers), inspect["files"],
+                 inspect["file_bytes"], use_run, notes)
+
+
+def optimize(ctx: Context, the_lab: Lab, env: dict[str, str], naiad_ref: str, target: str, method: str,
+             how: list[str], skipped: dict[str, str], notes: list[str]) -> str | None:
+    """`naiad optimize --plain-http NAIAD_REF TARGET HOW...` (untimed setup), if `method` is
+    measured: TARGET, or None with the reason in `skipped` and `notes`."""
+    if not wants(ctx, method):
+        return None
+    if not has_command("optimize"):
+        skipped[method] = "skipped: not built yet"
+        notes.append(f"{method}: skipped, not built yet (`naiad optimize --help` fails in this checkout).")
+        return None
+    t0 = time.perf_counter()
+    try:
+        argv = naiad_argv("optimize", "--plain-http", naiad_ref, target, *how)
+        run_measured(the_lab.node_argv(argv), env=env)
+    except BenchError as e:
+        skipped[method] = "skipped: `naiad optimize` failed"
+        notes.append(f"{method}: skipped, `naiad optimize` failed: {' '.join(str(e).split())}")
+        ctx.log(f"coldstart: naiad optimize failed: {e}")
+        return None
+    shown = "-- ENTRYPOINT" if how[:1] == ["--"] else " ".join(how)
+    notes.append(f"{method}: `naiad optimize --plain-http {naiad_ref} {target} {shown}` "
+                 f"({time.perf_counter() - t0:.1f} s, untimed setup), then measured like naiad-lazy.")
+    ctx.log(f"coldstart: optimized into {target} ({time.perf_counter() - t0:.1f} s)")
+    return target
+
+
+def naiad_on(the_lab: Lab, wl: Workload, ref: str, use_run: bool, method: str
+             ) -> Callable[[Path], list[Sample]]:
+    """A method measuring a start of image `ref` like naiad-lazy."""
+    return lambda work: [measure_naiad(the_lab, wl, ref, use_run, work, method)]
 
 
 def has_command(name: str) -> bool:
@@ -869,7 +888,7 @@ def report(ctx: Context, wl: Workload, setup: Setup, networks: Sequence[int | No
     if naiad_runs:
         rows = []
         for rate in networks:
-            for m in ("naiad-lazy", "naiad-mount", "naiad-mount-fuse", "naiad-optimized"):
+            for m in ("naiad-lazy", "naiad-mount", "naiad-mount-fuse", "naiad-optimized", "naiad-hinted"):
                 runs = [s for s in naiad_runs if s.method == m and s.network == rate]
                 if not runs:
                     continue

@@ -40,6 +40,7 @@ from test_optimize import bootstrap_of
 
 from naiad.builder.hints import CODE_GRAIN, Process
 from naiad.builder.nodehints import load_time_requires
+from naiad.builder.optimize import predicted_prefetch
 from naiad.format.bootstrap import Bootstrap
 from naiad.format.pathwalk import follow
 from naiad.format.stats import bootstrap_stats
@@ -336,6 +337,31 @@ def test_the_entry_program_hints_its_script_and_locale(tmp_path: Path) -> None:
     hints = hints_by_path(bootstrap_of(home, target))
     assert [h for h in hints["/usr/bin/tool"] if h[0] != "/usr/bin/tool" and "x86_64" not in h[0]][-3:] == [
         ("/app/script.txt", 0, -1), ("/app/rel/data.txt", 0, -1), ("/usr/lib/locale/C.utf8/LC_CTYPE", 0, -1)]
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_a_start_is_predicted_from_the_program_the_config_runs(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    program = tree / "usr/lib/tool/tool-1"
+    program.parent.mkdir(parents=True)
+    src = write(tmp_path, "main.c", "int main(void) { return 0; }\n")
+    ok(subprocess.run(["gcc", "-o", str(program), str(src)], capture_output=True, text=True))
+    (tree / "usr/bin").mkdir()
+    os.symlink("../lib/tool/tool-1", tree / "usr/bin/tool")
+    write(tree, "nowhere/tool", "a file by the name, not executable\n")
+    write(tree, "app/script.txt", "run me\n")
+    write(tree, "app/unread.txt", "not me\n")
+    config = {"config": {"Entrypoint": ["tool"], "Cmd": ["/app/script.txt"],
+                         "Env": ["PATH=/nowhere:/usr/bin"], "WorkingDir": "/app"}}
+    path = write(tmp_path, "config.json", json.dumps(config))
+    home, target = tmp_path / "home", f"oci:{tmp_path / 'layout'}:v1"
+    ok(naiad(home, "build", tree, target, "--config", path))
+    bs = bootstrap_of(home, target)
+    predicted = [bs.path_of(ino) for ino, _ in predicted_prefetch(bs, config)]
+    assert predicted[0] == "/usr/lib/tool/tool-1" and "/app/script.txt" in predicted
+    assert "/app/unread.txt" not in predicted and "/nowhere/tool" not in predicted
+    assert predicted_prefetch(bs, {"config": {"Entrypoint": ["/app/script.txt"]}}) == []  # not executable
+    assert predicted_prefetch(bs, {}) == []
 
 
 @pytest.mark.parametrize(("config", "expected"), [

@@ -136,6 +136,42 @@ def test_prefetch_list_file_and_reproducibility(image, tmp_path):
     assert digests[0] == digests[1]
 
 
+def test_from_hints_prefetches_what_the_entrypoint_loads_without_a_run(image, tmp_path):
+    root, ref = image
+    home = tmp_path / "home"
+    out = f"oci:{tmp_path}/hinted:x"
+    report = json.loads(ok(naiad(home, "optimize", "--json", "--from-hints", ref, out)).stdout)
+    assert report["command_exit_code"] is None and report["not_found"] == []
+    bs = bootstrap_of(home, out)
+    listed = [bs.path_of(ino) for ino, _ in bs.prefetch_list()]
+    assert listed[0] == "/bin/sh"  # what runs first, then what its start loads
+    libraries = {"/" + str(p.relative_to(root)) for p in root.rglob("*.so*")}
+    assert set(_libraries("/bin/sh")) <= set(listed) <= {"/bin/sh"} | libraries
+    hot = next(b.id for b in bs.blobs() if b.digest == report["hot_blob"]["digest"])
+    assert {c.blob for c in bs.prefetch_chunks()} == {hot}
+    ok(naiad(home, "unpack", out, tmp_path / "unpacked"))
+    assert compare_trees(root, tmp_path / "unpacked", ignore_mtime_of=("/",)) == []
+
+    # Nothing to run with it, and no second source of the list.
+    both = naiad(home, "optimize", "--from-hints", ref, f"oci:{tmp_path}/b:x", "--", "true")
+    assert both.returncode == 1 and "--from-hints runs none" in both.stderr and "Traceback" not in both.stderr
+    listing = tmp_path / "list"
+    listing.write_text("/bin/sh\n")
+    both = naiad(home, "optimize", "--from-hints", "--prefetch-list", listing, ref, f"oci:{tmp_path}/b:x")
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+
+
+def test_from_hints_needs_a_program_the_image_holds(image, tmp_path):
+    root, _ = image
+    home = tmp_path / "home"
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"config": {"Entrypoint": ["/no/such/program"]}}))
+    ref = f"oci:{tmp_path}/layout:noprog"
+    ok(naiad(home, "build", root, ref, "--config", config))
+    bad = naiad(home, "optimize", "--from-hints", ref, f"oci:{tmp_path}/out:x")
+    assert bad.returncode == 1 and "predicts no start" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_hot_level_trades_build_time_for_bytes(image, tmp_path):
     root, ref = image
     home = tmp_path / "home"

@@ -82,6 +82,14 @@ class Process:
         return cls(argv, dict(e.partition(b"=")[::2] for e in strings("Env")),
                    os.fsencode(cwd) if isinstance(cwd, str) and cwd.startswith("/") else b"/")
 
+    def program_paths(self) -> list[bytes]:
+        """Where the program argv[0] names may be, in the order execvp tries them: the name itself
+        if it has a slash (from WorkingDir if relative), else in each directory of PATH."""
+        name = self.argv[0]
+        if b"/" in name:
+            return [name if name.startswith(b"/") else self.cwd + b"/" + name]
+        return [d + b"/" + name for d in self.env.get(b"PATH", DEFAULT_PATH).split(b":") if d]
+
 _IMPORT = re.compile(
     rb"(?:import[ \t]+(?P<names>[^\n#;]+)"
     rb"|from[ \t]+(?P<module>\.*[\w.]*)[ \t]+import[ \t]+(?P<what>\([^)]*\)|[^\n#;]+))",
@@ -420,12 +428,8 @@ class _Image:
         """The files the image's entry program reads once it runs, by its config: those its
         arguments name (a script, whole, up to MAX_SOURCE; a bigger file, its first chunk) and
         the LC_CTYPE of the locale its Env sets (the C library reads it at setlocale)."""
-        name = process.argv[0]
-        if b"/" in name:
-            candidates = [name if name.startswith(b"/") else process.cwd + b"/" + name]
-        else:
-            candidates = [d + b"/" + name for d in process.env.get(b"PATH", DEFAULT_PATH).split(b":") if d]
-        program = next((f for c in candidates if (f := self.file(c)) is not None and f.mode & 0o111), None)
+        found = (self.file(path) for path in process.program_paths())
+        program = next((f for f in found if f is not None and f.mode & 0o111), None)
         if program is None or not program.chunks:
             return []
         out: list[Hint] = []

@@ -21,15 +21,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from naiad.builder.assemble import finish_image
 from naiad.builder.convert import output_layout
+from naiad.builder.hints import Process
 from naiad.errors import NaiadError
 from naiad.format import spec
-from naiad.format.bootstrap import UNCOMPRESSED_ALIGN, Chunk, ChunkMove, rewrite
+from naiad.format.bootstrap import ROOT_INO, UNCOMPRESSED_ALIGN, Bootstrap, Chunk, ChunkMove, rewrite
 from naiad.format.chunk import decode_chunk
 from naiad.format.compression import Codec
+from naiad.format.pathwalk import follow
 from naiad.oci.copy import copy_blob
 from naiad.oci.image import Descriptor, Platform, RegistryOptions, source_for
 from naiad.oci.layout import OCILayout
 from naiad.oci.reference import Reference
+from naiad.storage.hints import BUDGET, walk
 from naiad.storage.image import NaiadImage
 from naiad.storage.ranges import contiguous_runs, read_run
 
@@ -53,18 +56,25 @@ class OptimizeResult:
     missing: list[str]
 
 
-def optimize_image(source_ref: Reference, target_ref: Reference, entries: Sequence[Entry], *,
+def optimize_image(source_ref: Reference, target_ref: Reference, entries: Sequence[Entry] | None, *,
                    relayout: bool = True, hot_level: int = HOT_ZSTD_LEVEL,
                    registry: RegistryOptions | None = None,
                    platform: Platform | None = None) -> OptimizeResult:
     """Write `source_ref` to `target_ref` with prefetch list `entries` (and the hot blob, its zstd
-    chunks recompressed at `hot_level`)."""
+    chunks recompressed at `hot_level`); `entries` None: the list its access hints predict
+    (predicted_prefetch)."""
     registry = registry or RegistryOptions()
     with source_for(source_ref, registry) as source:
         img = NaiadImage.open(source, platform)
         try:
             bs = img.bootstrap
-            prefetch, missing = _resolve(img, entries)
+            if entries is None:
+                prefetch, missing = predicted_prefetch(bs, img.image.config), []
+                if not prefetch:
+                    raise NaiadError(f"{source_ref} predicts no start: its config names no program the image "
+                                     "holds, or the image was built without access hints")
+            else:
+                prefetch, missing = _resolve(img, entries)
             if not prefetch and entries:
                 raise NaiadError(f"none of the {len(entries)} listed paths is a regular file of {source_ref}")
             hot = bs.prefetch_chunks_of(prefetch)
@@ -119,6 +129,43 @@ def _resolve(img: NaiadImage, entries: Sequence[Entry]) -> tuple[list[tuple[int,
             seen.add(key)
             out.append(key)
     return out, missing
+
+
+def predicted_prefetch(bs: Bootstrap, config: dict) -> list[tuple[int, int | None]]:
+    """(ino, foffset) of the chunks a container of the image reads first, in order, as its access
+    hints predict them (docs/format.md §10): the program its config runs, then the walk a lazy
+    mount takes when that program's first read misses, followed to its end (up to the mount's
+    hint budget). Empty when the config runs no program the image holds, or it has no hints.
+    """
+    process = Process.of_config(config)
+    program = None if process is None else _program(bs, process)
+    first = None if program is None else bs.first_chunk(program)
+    if program is None or first is None or not bs.has_hints:
+        return []
+    order: dict[tuple[int, int | None], None] = {(program, 0): None}
+    stored = 0
+    for ino, chunks in walk(bs, [iter(bs.hints_of(first))], {first}, set()):
+        for c in chunks:
+            order.setdefault((ino, c.foffset), None)
+            stored += c.csize
+        if stored >= BUDGET:
+            break
+    return list(order)
+
+
+def _program(bs: Bootstrap, process: Process) -> int | None:
+    """The inode of the regular, executable file `process` runs (symlinks followed), if any."""
+    def child(parent: int, name: bytes) -> int | None:
+        return bs.lookup(parent, name) if bs.getattr(parent).is_dir else None
+
+    def link(ino: int) -> bytes | None:
+        return bs.readlink(ino) if bs.getattr(ino).is_symlink else None
+
+    for path in process.program_paths():
+        ino = follow(path, ROOT_INO, child, link)
+        if ino is not None and (attr := bs.getattr(ino)).is_reg and attr.mode & 0o111:
+            return ino
+    return None
 
 
 def _write_hot_blob(img: NaiadImage, hot: list[Chunk], blob_id: int, layout: OCILayout,

@@ -490,10 +490,13 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         target = target.with_tag(f"{source.tag or 'latest'}-optimized")
     command = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
     exit_code = None
-    entries: list[tuple[str, int | None]]
+    entries: list[tuple[str, int | None]] | None = None  # None: predicted from the image's hints
+    if command and (args.prefetch_list or args.from_hints):
+        raise NaiadError("a command is run only to record what it reads: "
+                         f"{'--prefetch-list' if args.prefetch_list else '--from-hints'} runs none")
     if args.prefetch_list:
         entries = [(path, None) for path in _read_prefetch_list(args.prefetch_list)]
-    else:
+    elif not args.from_hints:
         with tempfile.TemporaryDirectory(prefix="naiad-optimize-") as tmp:
             trace = os.path.join(tmp, "trace.json")
             options = RunOptions(env=args.env, net=args.net, platform=Platform.parse(args.platform),
@@ -717,11 +720,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "mounted image REF, record the order in which chunks of files are first read, and "
                        "write TARGET: the same image with that order as its prefetch list and those chunks "
                        "copied, in that order, into one new blob, so that mounts fetch them first with a "
-                       "few large requests. With --prefetch-list, take whole files from a list instead. "
+                       "few large requests. With --prefetch-list, take whole files from a list instead; "
+                       "with --from-hints, the order the image's access hints predict for its entrypoint "
+                       "(no run: for builders that cannot run the app). "
                        "TARGET without a tag gets REF's tag + '-optimized'.")
     p.add_argument("ref", help="naiad image reference")
     p.add_argument("target", help="where to write the optimized image")
-    p.add_argument("--prefetch-list", metavar="FILE", help="paths to prefetch, one per line (no run)")
+    given = p.add_mutually_exclusive_group()
+    given.add_argument("--prefetch-list", metavar="FILE", help="paths to prefetch, one per line (no run)")
+    given.add_argument("--from-hints", action="store_true",
+                       help="prefetch what the image's access hints predict its entrypoint reads (no run)")
     p.add_argument("-e", "--env", action="append", default=[], metavar="K[=V]", help="environment for CMD")
     p.add_argument("--net", choices=("host", "none"), default="host", help="network of the run")
     p.add_argument("--allow-failure", action="store_true",

@@ -47,10 +47,10 @@ GAP_MAX = 64 << 10
 
 
 def walk(bs: Bootstrap, stack: list[Iterator[tuple[int, int, int]]], expanded: set[int],
-         visited: set[tuple[int, int]]) -> Iterator[list[Chunk]]:
-    """The chunks of each hint on `stack` (the last iterator first) and of the hints they lead to,
-    depth first. `expanded` holds the chunks whose hints were walked, `visited` the (ino, foffset)
-    of hints taken; both carry over from walk to walk of one mount."""
+         visited: set[tuple[int, int]]) -> Iterator[tuple[int, list[Chunk]]]:
+    """(file, its chunks) of each hint on `stack` (the last iterator first) and of the hints they
+    lead to, depth first. `expanded` holds the chunks whose hints were walked, `visited` the (ino,
+    foffset) of hints taken; both carry over from walk to walk of one mount."""
     while stack:
         hint = next(stack[-1], None)
         if hint is None:
@@ -61,7 +61,7 @@ def walk(bs: Bootstrap, stack: list[Iterator[tuple[int, int, int]]], expanded: s
             continue
         visited.add((ino, foffset))
         if size:
-            yield bs.file_chunks(ino, foffset, size)
+            yield ino, bs.file_chunks(ino, foffset, size)
         first = bs.first_chunk(ino)
         if first is not None and first not in expanded:
             expanded.add(first)
@@ -81,7 +81,7 @@ class HintPrefetcher:
         self.chunks = 0  # chunks the walks asked for
         self.bytes = 0  # their stored bytes
         self._cond = threading.Condition()
-        self._walks: list[Iterator[list[Chunk]]] = []  # a stack: the newest miss's walk on top
+        self._walks: list[Iterator[tuple[int, list[Chunk]]]] = []  # a stack: the newest miss's walk on top
         self._expanded: set[int] = set()  # chunks whose hints have been walked (or are being)
         self._visited: set[tuple[int, int]] = set()  # (ino, foffset) of hints taken
         self._taken: set[int] = set()  # chunks given to a worker (hints overlap: code in one chunk)
@@ -115,7 +115,7 @@ class HintPrefetcher:
             self._runs.clear()
             self._cond.notify_all()
 
-    def _walk(self, stack: list[Iterator[tuple[int, int, int]]]) -> Iterator[list[Chunk]]:
+    def _walk(self, stack: list[Iterator[tuple[int, int, int]]]) -> Iterator[tuple[int, list[Chunk]]]:
         """`walk`, counted (called under the lock)."""
         if stack:
             self.triggers += 1
@@ -126,10 +126,11 @@ class HintPrefetcher:
         batch: list[Chunk] = []
         size = 0
         while self._walks and size < BATCH and self.bytes < self.budget:
-            chunks = next(self._walks[-1], None)
-            if chunks is None:
+            step = next(self._walks[-1], None)
+            if step is None:
                 self._walks.pop()
                 continue
+            _, chunks = step
             for c in chunks:
                 if c.id not in self._taken and not self.fetcher.cache.contains(c.digest):
                     self._taken.add(c.id)
