@@ -65,6 +65,14 @@ def compile_pyc(source: Path, mode: py_compile.PycInvalidationMode) -> None:
     py_compile.compile(str(source), invalidation_mode=mode, doraise=True)
 
 
+def empty_program(tmp_path: Path, dest: Path) -> Path:
+    """`dest`: a program (ELF, this machine's C library) that does nothing."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    src = write(tmp_path, "main.c", "int main(void) { return 0; }\n")
+    ok(subprocess.run(["gcc", "-o", str(dest), str(src)], capture_output=True, text=True))
+    return dest
+
+
 def app_tree(root: Path) -> Path:
     """An app whose imports exercise the resolver; the comments say what each line must hint."""
     write(root, "app/main.py", "import os\n"                 # nothing in the image: no hint
@@ -277,10 +285,7 @@ def test_entry_points_of_a_site_directory_lead_one_to_the_next(tmp_path: Path) -
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 def test_cpython_hints_what_it_reads_before_the_script(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
-    python = tree / "usr/bin/python3.11"
-    python.parent.mkdir(parents=True)
-    src = write(tmp_path, "main.c", "int main(void) { return 0; }\n")
-    ok(subprocess.run(["gcc", "-o", str(python), str(src)], capture_output=True, text=True))
+    python = empty_program(tmp_path, tree / "usr/bin/python3.11")
     for module in ("encodings/__init__", "encodings/utf_8", "json/__init__"):
         write(tree, f"usr/lib/python3.11/{module}.py", "")
     write(tree, "etc/python3.11/sitecustomize.py", "")
@@ -321,9 +326,7 @@ def test_cpython_hints_what_it_reads_before_the_script(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 def test_the_entry_program_hints_its_script_and_locale(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
-    (tree / "usr/bin").mkdir(parents=True)
-    src = write(tmp_path, "main.c", "int main(void) { return 0; }\n")
-    ok(subprocess.run(["gcc", "-o", str(tree / "usr/bin/tool"), str(src)], capture_output=True, text=True))
+    empty_program(tmp_path, tree / "usr/bin/tool")
     write(tree, "app/script.txt", "run me\n")
     write(tree, "app/rel/data.txt", "and me\n")
     write(tree, "app/-flag", "not an argument's file\n")
@@ -342,10 +345,7 @@ def test_the_entry_program_hints_its_script_and_locale(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 def test_a_start_is_predicted_from_the_program_the_config_runs(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
-    program = tree / "usr/lib/tool/tool-1"
-    program.parent.mkdir(parents=True)
-    src = write(tmp_path, "main.c", "int main(void) { return 0; }\n")
-    ok(subprocess.run(["gcc", "-o", str(program), str(src)], capture_output=True, text=True))
+    empty_program(tmp_path, tree / "usr/lib/tool/tool-1")
     (tree / "usr/bin").mkdir()
     os.symlink("../lib/tool/tool-1", tree / "usr/bin/tool")
     write(tree, "nowhere/tool", "a file by the name, not executable\n")
