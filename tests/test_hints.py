@@ -351,6 +351,8 @@ def test_a_start_is_predicted_from_the_program_the_config_runs(tmp_path: Path) -
     write(tree, "nowhere/tool", "a file by the name, not executable\n")
     write(tree, "app/script.txt", "run me\n")
     write(tree, "app/unread.txt", "not me\n")
+    write(tree, "etc/passwd", "root:x:0:0:root:/root:/bin/sh\n")  # the runtime reads it first
+    write(tree, "etc/group", "")  # empty: nothing to read
     config = {"config": {"Entrypoint": ["tool"], "Cmd": ["/app/script.txt"],
                          "Env": ["PATH=/nowhere:/usr/bin"], "WorkingDir": "/app"}}
     path = write(tmp_path, "config.json", json.dumps(config))
@@ -358,7 +360,7 @@ def test_a_start_is_predicted_from_the_program_the_config_runs(tmp_path: Path) -
     ok(naiad(home, "build", tree, target, "--config", path))
     bs = bootstrap_of(home, target)
     predicted = [bs.path_of(ino) for ino, _ in predicted_prefetch(bs, config)]
-    assert predicted[0] == "/usr/lib/tool/tool-1" and "/app/script.txt" in predicted
+    assert predicted[:2] == ["/etc/passwd", "/usr/lib/tool/tool-1"] and "/app/script.txt" in predicted
     assert "/app/unread.txt" not in predicted and "/nowhere/tool" not in predicted
     assert predicted_prefetch(bs, {"config": {"Entrypoint": ["/app/script.txt"]}}) == []  # not executable
     assert predicted_prefetch(bs, {}) == []

@@ -38,6 +38,9 @@ from naiad.storage.ranges import contiguous_runs, read_run
 
 # A prefetch entry: a path, and the index of one chunk of it (None: the whole file).
 Entry = tuple[str, int | None]
+# What a container runtime reads in the image before it runs the program: runc resolves the
+# process's user and groups with them.
+RUNTIME_FILES = (b"/etc/passwd", b"/etc/group")
 # The hot blob is written once and read by every cold start, often over the slowest link, so it
 # is worth a slower compression: torchapp's 228.7 MB of hot chunks are 70.3 MB at the build's
 # level 3 (1.2 CPU s), 65.8 MB at 9 (4.8 CPU s), 63.8 MB at 16 (35 CPU s), 60.2 MB at 18 (53 CPU s,
@@ -132,17 +135,20 @@ def _resolve(img: NaiadImage, entries: Sequence[Entry]) -> tuple[list[tuple[int,
 
 
 def predicted_prefetch(bs: Bootstrap, config: dict) -> list[tuple[int, int | None]]:
-    """(ino, foffset) of the chunks a container of the image reads first, in order, as its access
-    hints predict them (docs/format.md §10): the program its config runs, then the walk a lazy
-    mount takes when that program's first read misses, followed to its end (up to the mount's
-    hint budget). Empty when the config runs no program the image holds, or it has no hints.
+    """(ino, foffset) of the chunks a container of the image reads first, in order, as predicted:
+    the files its runtime reads before it runs the program (RUNTIME_FILES), the program its config
+    runs, then the walk of access hints (docs/format.md §10) a lazy mount takes when that program's
+    first read misses, followed to its end (up to the mount's hint budget). Empty when the config
+    runs no program the image holds, or the image has no hints.
     """
     process = Process.of_config(config)
-    program = None if process is None else _program(bs, process)
+    program = None if process is None else next(
+        (ino for path in process.program_paths() if (ino := _regular(bs, path, executable=True))), None)
     first = None if program is None else bs.first_chunk(program)
     if program is None or first is None or not bs.has_hints:
         return []
-    order: dict[tuple[int, int | None], None] = {(program, 0): None}
+    runtime = [ino for path in RUNTIME_FILES if (ino := _regular(bs, path)) and bs.first_chunk(ino)]
+    order: dict[tuple[int, int | None], None] = {(ino, 0): None for ino in [*runtime, program]}
     stored = 0
     for ino, chunks in walk(bs, [iter(bs.hints_of(first))], {first}, set()):
         for c in chunks:
@@ -153,19 +159,17 @@ def predicted_prefetch(bs: Bootstrap, config: dict) -> list[tuple[int, int | Non
     return list(order)
 
 
-def _program(bs: Bootstrap, process: Process) -> int | None:
-    """The inode of the regular, executable file `process` runs (symlinks followed), if any."""
+def _regular(bs: Bootstrap, path: bytes, *, executable: bool = False) -> int | None:
+    """The inode of the regular (and, if asked, executable) file at `path`, symlinks followed."""
     def child(parent: int, name: bytes) -> int | None:
         return bs.lookup(parent, name) if bs.getattr(parent).is_dir else None
 
     def link(ino: int) -> bytes | None:
         return bs.readlink(ino) if bs.getattr(ino).is_symlink else None
 
-    for path in process.program_paths():
-        ino = follow(path, ROOT_INO, child, link)
-        if ino is not None and (attr := bs.getattr(ino)).is_reg and attr.mode & 0o111:
-            return ino
-    return None
+    ino = follow(path, ROOT_INO, child, link)
+    attr = None if ino is None else bs.getattr(ino)
+    return ino if attr is not None and attr.is_reg and (attr.mode & 0o111 or not executable) else None
 
 
 def _write_hot_blob(img: NaiadImage, hot: list[Chunk], blob_id: int, layout: OCILayout,
