@@ -169,6 +169,23 @@ def test_python_hints_follow_top_level_imports(tmp_path: Path) -> None:
         assert not {t for t, _, _ in targets} & never
 
 
+def test_a_pth_file_hints_the_modules_its_import_lines_import(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    site = "opt/venv/lib/python3.11/site-packages"
+    write(tree, f"{site}/distutils-precedence.pth",  # as setuptools installs it
+          "import os; var = 'SETUPTOOLS_USE_DISTUTILS'; enabled = os.environ.get(var, 'local') == 'local'; "
+          "enabled and __import__('_distutils_hack').add_shim(); \n")
+    write(tree, f"{site}/_distutils_hack/__init__.py", "def add_shim(): pass\n")
+    write(tree, f"{site}/several.pth", "# a comment: import nothing\nextra\nimport first, second\n")
+    for name in ("first", "second", "extra/not_imported"):
+        write(tree, f"{site}/{name}.py", "")
+    write(tree, "opt/elsewhere/lonely.pth", "import first\n")  # not in a site directory: site never reads it
+    hints = hints_by_path(build(tmp_path, tree))
+    assert hints[f"/{site}/distutils-precedence.pth"] == [(f"/{site}/_distutils_hack/__init__.py", 0, -1)]
+    assert hints[f"/{site}/several.pth"] == [(f"/{site}/first.py", 0, -1), (f"/{site}/second.py", 0, -1)]
+    assert "/opt/elsewhere/lonely.pth" not in hints
+
+
 def test_node_requires_that_run_at_load_are_found_past_strings_comments_and_functions() -> None:
     source = rb"""'use strict';
 // require('commented')
@@ -590,6 +607,22 @@ def test_a_callback_an_initialiser_registers_is_hinted_as_called(tmp_path: Path)
     own = own_ranges(build(tmp_path, tree), "/usr/lib/libreg.so")
     assert covered(own, offsets[registered]), own
     assert not covered(own, offsets["never"]), own
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_libcrypto_hints_the_openssl_config_its_initialisation_reads(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    lib = tree / "usr/lib/x86_64-linux-gnu"
+    text = 'const char dir[] __attribute__((used)) = "OPENSSLDIR: \\"/usr/lib/ssl\\"";\n'
+    compile_library(write(tmp_path, "dir.c", text), lib / "libcrypto.so.3")
+    # The string alone is not enough (and another file: hints are keyed by a file's first chunk).
+    compile_library(write(tmp_path, "other.c", text + "int other;\n"), lib / "libother.so.3")
+    write(tree, "etc/ssl/openssl.cnf", "[openssl_init]\n")
+    (tree / "usr/lib/ssl").mkdir(parents=True)
+    os.symlink("/etc/ssl/openssl.cnf", tree / "usr/lib/ssl/openssl.cnf")
+    hints = hints_by_path(build(tmp_path, tree))
+    assert ("/etc/ssl/openssl.cnf", 0, -1) in hints["/usr/lib/x86_64-linux-gnu/libcrypto.so.3"]
+    assert "/etc/ssl/openssl.cnf" not in {t for t, _, _ in hints["/usr/lib/x86_64-linux-gnu/libother.so.3"]}
 
 
 def compile_library(source: Path, lib: Path, *flags: str) -> Path:

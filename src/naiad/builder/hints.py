@@ -107,6 +107,11 @@ _CPYTHON = re.compile(rb"(.*)/bin/python3\.(\d+)")  # CPython, by its versioned 
 # codec (UTF-8 on Linux: PEP 538 and 540 turn the C locale into it); after: the customisations.
 _STARTUP_MODULES = (b"encodings", b"encodings.utf_8", b"sitecustomize", b"usercustomize")
 _SITE = re.compile(rb".*/(?:site|dist)-packages")
+_DUNDER_IMPORT = re.compile(rb"""__import__\(\s*['"]([\w.]+)['"]""")  # as .pth lines call it
+MAX_PTH = 64 << 10  # a bigger .pth file is not read for its import lines
+_LIBCRYPTO = re.compile(rb"libcrypto\.so(?:\.\d+)*")
+_OPENSSLDIR = re.compile(rb'OPENSSLDIR: "(/[^"\0]{0,4000})"')
+MAX_LIBCRYPTO = 64 << 20  # a bigger "libcrypto" is not searched for its OPENSSLDIR
 _ENTRY_POINTS = re.compile(rb"(.*/(?:site|dist)-packages)/[^/]+\.(?:dist|egg)-info/entry_points\.txt")
 # Standard modules CPython 3.11 and later run from copies frozen into the interpreter
 # (Tools/build/freeze_modules.py): importing them reads no file, so no hint names them.
@@ -127,6 +132,8 @@ def access_hints(root: Node, order: Sequence[tuple[bytes, Node, Node]], read: Re
             continue
         if m := _ENTRY_POINTS.fullmatch(path):
             entry_points.setdefault(m[1], []).append((path, node))
+        if path.endswith(b".pth"):
+            hints.extend((node, t, 0, size) for t, size in image.pth_hints(path))
         if path.endswith(b".py"):
             hints.extend((node, t, off, size) for t, off, size in image.python_hints(path))
             # The interpreter reads the bytecode first: it leads to the source's hints (size 0: fetch
@@ -140,6 +147,8 @@ def access_hints(root: Node, order: Sequence[tuple[bytes, Node, Node]], read: Re
             hints.extend((node, node, off, size) for off, size in elf.ranges)
             if elf.interp and (cache := image.loader_cache(path, elf)) is not None:
                 hints.append((node, cache, 0, -1))  # a program's loader maps it whole, first
+            if (config := image.openssl_config(path, node)) is not None:
+                hints.append((node, config, 0, -1))
             hints.extend((node, lib, 0, 1) for lib in image.needed(path, elf))
             hints.extend((node, node, off, size) for off, size in elf.init_reads)
             if elf.interp:  # what the program reads once it runs
@@ -225,6 +234,23 @@ class _Image:
                 if id(target) not in seen:
                     seen.add(id(target))
                     out.append((target, 0, size))
+        return out
+
+    def pth_hints(self, path: bytes) -> list[tuple[Node, int]]:
+        """What site reads next after the `.pth` file at `path` of a site directory: the modules
+        its import lines import (site runs a line that starts with `import`, often to call
+        `__import__('name')`), as (file, bytes to fetch)."""
+        node = self.file(path)
+        if not _SITE.fullmatch(posixpath.dirname(path)) or node is None or node.size > MAX_PTH:
+            return []
+        lines = (line for line in (self.read(node, 0, node.size) or b"").splitlines()
+                 if line.startswith((b"import ", b"import\t")))
+        out: list[tuple[Node, int]] = []
+        for line in lines:
+            names = [name for m in _import_statements(line) if m["names"] for name in _names(m["names"])]
+            for name in [*names, *_DUNDER_IMPORT.findall(line)]:
+                for module_file in self._module_files(path, name, 0):
+                    out.extend(self._module_reads(module_file))
         return out
 
     def _imported_files(self, path: bytes, source: bytes) -> Iterator[bytes]:
@@ -443,6 +469,15 @@ class _Image:
         if locale and locale not in (b"C", b"POSIX") and (ctype := self._ctype(locale)) is not None:
             out.append((program, ctype, 0, -1))
         return out
+
+    def openssl_config(self, path: bytes, node: Node) -> Node | None:
+        """OPENSSLDIR/openssl.cnf if the object at `path` is OpenSSL's libcrypto: its initialisation
+        reads that file, the directory being the one built into the library (the string
+        `OPENSSLDIR: "DIR"` that `openssl version -d` prints)."""
+        if not _LIBCRYPTO.fullmatch(posixpath.basename(path)) or node.size > MAX_LIBCRYPTO:
+            return None
+        m = _OPENSSLDIR.search(self.read(node, 0, node.size) or b"")
+        return None if m is None else self.file(m[1] + b"/openssl.cnf")
 
     def loader_cache(self, path: bytes, elf: _Elf) -> Node | None:
         """/etc/ld.so.cache if the loader reads it to start the program at `path`: one of its
