@@ -403,13 +403,15 @@ def test_frozen_standard_modules_are_not_hinted(version: str, tmp_path: Path) ->
     write(tree, f"{lib}/os.py", "import stat\nimport json\n")
     write(tree, f"{lib}/stat.py", "X = 1\n")
     write(tree, f"{lib}/json/__init__.py", "Y = 2\n")
-    write(tree, "app/main.py", "import os\nimport json\n")
+    write(tree, f"{lib}/importlib/__init__.py", "")
+    write(tree, f"{lib}/importlib/_bootstrap.py", "Z = 3\n")  # frozen in every version
+    write(tree, "app/main.py", "import os\nimport json\nfrom importlib import _bootstrap\n")
     hints = hints_by_path(build(tmp_path, tree))
-    json_init = (f"/{lib}/json/__init__.py", 0, -1)
+    json_init, importlib = (f"/{lib}/json/__init__.py", 0, -1), (f"/{lib}/importlib/__init__.py", 0, -1)
     if version == "3.10":
-        assert hints["/app/main.py"] == [(f"/{lib}/os.py", 0, -1), json_init]
+        assert hints["/app/main.py"] == [(f"/{lib}/os.py", 0, -1), json_init, importlib]
     else:
-        assert hints["/app/main.py"] == [json_init]
+        assert hints["/app/main.py"] == [json_init, importlib]
 
 
 @pytest.mark.skipif(not (LIBDIR / "libzstd.so.1").exists() or not (LIBDIR / "libc.so.6").exists(),

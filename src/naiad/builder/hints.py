@@ -117,7 +117,10 @@ _ENTRY_POINTS = re.compile(rb"(.*/(?:site|dist)-packages)/[^/]+\.(?:dist|egg)-in
 # (Tools/build/freeze_modules.py): importing them reads no file, so no hint names them.
 _FROZEN_STDLIB = re.compile(rb".*/lib/python3\.(?:1[1-9]|[2-9]\d)/"
                             rb"(?:abc|codecs|io|_collections_abc|_sitebuiltins|genericpath|ntpath|posixpath"
-                            rb"|os|site|stat|runpy|zipimport|importlib/util|importlib/machinery)\.py")
+                            rb"|os|site|stat|runpy|zipimport|importlib/util|importlib/machinery)\.py"
+                            # And in every CPython 3: importlib puts the interpreter's own frozen
+                            # import system in sys.modules under these names.
+                            rb"|.*/lib/python3\.\d+/importlib/_bootstrap(?:_external)?\.py")
 
 
 def access_hints(root: Node, order: Sequence[tuple[bytes, Node, Node]], read: Reader,
