@@ -453,13 +453,13 @@ def test_umount_during_a_paced_prefetch_does_not_wait_for_it(registry: RegistryS
     stats = node.wait_stats(mnt, lambda s: s["prefetch"]["done_bytes"] > 0, "some prefetch progress")
     assert stats["prefetch"]["total_bytes"] == 32 * MiB
     pid = node.pid(mnt)
-    t0 = time.monotonic()
     node.umount(mnt)
     wait_for(lambda: not pid_alive(pid), "the daemon to exit")
-    assert time.monotonic() - t0 < 15  # the batch in flight finishes, no later one starts
     assert not mounted(mnt)
     node.assert_cache_consistent()
-    assert len(node.cache_rows()) < 8 * 16  # the prefetch stopped part-way
+    # The batch in flight finished and no later one started: a daemon that waited for the whole
+    # prefetch before it exited would have cached all 8 * 16 chunks.
+    assert len(node.cache_rows()) < 8 * 16
 
 
 def test_concurrent_readers_get_correct_bytes(registry: RegistryServer, node: Node) -> None:

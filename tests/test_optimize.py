@@ -170,6 +170,7 @@ def test_from_hints_needs_a_program_the_image_holds(image, tmp_path):
     ok(naiad(home, "build", root, ref, "--config", config))
     bad = naiad(home, "optimize", "--from-hints", ref, f"oci:{tmp_path}/out:x")
     assert bad.returncode == 1 and "predicts no start" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "out").exists()  # nothing half-written
 
 
 def test_hot_level_trades_build_time_for_bytes(image, tmp_path):
